@@ -1,0 +1,111 @@
+"""The paper's degradation (Gaussian blur σ=1.0, then bicubic x¼) and its low-dose variant.
+
+All functions take and return float32 arrays in [0, 1] (H, W). Bicubic here is PIL's
+antialiased bicubic on float ("F") images: it is the classic MATLAB-style ``imresize`` kernel,
+runs in C and needs no torch.
+
+Low dose: the LR image is treated as proportional to the detected signal, so photon noise is
+``Poisson(dose_scale · x) / dose_scale`` (variance ``x / dose_scale``, growing with the signal as
+Poisson statistics predict), plus Gaussian read noise of standard deviation ``read_noise``. A
+smaller ``dose_scale`` means fewer photons and more noise. Noise is applied to the LR image (what
+a low-dose acquisition records), then the result is quantised like a stored image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+SCALE = 4
+BLUR_SIGMA = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Degradation:
+    """How LR images are made from HR ones; stored in the model card."""
+
+    name: str = "paper"  # "paper" | "lowdose"
+    blur_sigma: float = BLUR_SIGMA
+    scale: int = SCALE
+    dose_scale: float = 2000.0  # expected photons at signal 1.0 (lowdose only)
+    read_noise: float = 0.004  # std of Gaussian read noise, in [0, 1] units (lowdose only)
+    quantize_levels: int = 255  # LR is rounded to this many levels, like a stored 8-bit image
+
+    def __post_init__(self) -> None:
+        if self.name not in ("paper", "lowdose"):
+            raise ValueError(f"degradation name must be 'paper' or 'lowdose', got {self.name!r}")
+        if self.blur_sigma < 0 or self.dose_scale <= 0 or self.read_noise < 0:
+            raise ValueError(
+                "blur_sigma and read_noise must be >= 0 and dose_scale > 0, got "
+                f"{self.blur_sigma}, {self.read_noise}, {self.dose_scale}"
+            )
+        if self.scale != SCALE:
+            raise ValueError(f"scale must be {SCALE}, got {self.scale}")
+
+    @classmethod
+    def named(cls, name: str) -> Degradation:
+        return cls(name=name)
+
+    def clean_lr(self, hr: np.ndarray) -> np.ndarray:
+        """Blur + bicubic, unquantised (float32, [0, 1]). HR sides must be multiples of scale."""
+        return blur_downscale(hr, sigma=self.blur_sigma, scale=self.scale)
+
+    def finish(self, lr: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """Add low-dose noise (if any) to a clean LR image and quantise it."""
+        if self.name == "lowdose":
+            if rng is None:
+                raise ValueError("lowdose degradation needs a seeded numpy Generator (rng)")
+            lr = add_low_dose_noise(lr, dose_scale=self.dose_scale, read_noise=self.read_noise, rng=rng)
+        return quantize(lr, self.quantize_levels)
+
+    def __call__(self, hr: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return self.finish(self.clean_lr(hr), rng)
+
+
+def _check_image(img: np.ndarray, scale: int = 1) -> None:
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image (H, W), got shape {img.shape}")
+    if img.shape[0] % scale or img.shape[1] % scale:
+        raise ValueError(f"image sides {img.shape} must be multiples of the scale {scale}")
+
+
+def gaussian_blur(img: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
+    _check_image(img)
+    if sigma == 0:
+        return img.astype(np.float32, copy=True)
+    return gaussian_filter(img.astype(np.float32), sigma, mode="reflect", truncate=4.0)
+
+
+def bicubic_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PIL bicubic (antialiased when shrinking) on a float32 image."""
+    _check_image(img)
+    pil = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def blur_downscale(hr: np.ndarray, *, sigma: float = BLUR_SIGMA, scale: int = SCALE) -> np.ndarray:
+    _check_image(hr, scale)
+    h, w = hr.shape
+    return bicubic_resize(gaussian_blur(hr, sigma), h // scale, w // scale)
+
+
+def add_low_dose_noise(
+    lr: np.ndarray, *, dose_scale: float, read_noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    signal = np.clip(lr, 0.0, None).astype(np.float64)
+    noisy = rng.poisson(signal * dose_scale) / dose_scale
+    noisy = noisy + rng.normal(0.0, read_noise, size=lr.shape)
+    return noisy.astype(np.float32)
+
+
+def quantize(img: np.ndarray, levels: int) -> np.ndarray:
+    return (np.round(np.clip(img, 0.0, 1.0) * levels) / levels).astype(np.float32)
+
+
+def crop_to_scale(img: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    """Crop the bottom/right edge so both sides are multiples of ``scale``."""
+    h, w = img.shape
+    return img[: h - h % scale, : w - w % scale]

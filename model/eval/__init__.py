@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the evaluation run (JSON + CSV + Markdown + PNG crops), benchmarks."""

@@ -1,0 +1,55 @@
+"""Image-quality metrics on the gray channel, with a border crop, as SR papers report them.
+
+SSIM is scikit-image's implementation with the settings of Wang et al. (2004) (Gaussian window
+σ = 1.5, population covariance, K1 = 0.01, K2 = 0.03), which is what BasicSR and MATLAB's
+``ssim`` compute; a test pins it against pytorch-msssim, an independent implementation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+BORDER = 4
+
+
+def _crop(img: np.ndarray, border: int) -> np.ndarray:
+    return img[border:-border, border:-border] if border else img
+
+
+def _check(sr: np.ndarray, hr: np.ndarray) -> None:
+    if sr.shape != hr.shape or sr.ndim != 2:
+        raise ValueError(f"need two 2-D images of the same shape, got {sr.shape} and {hr.shape}")
+
+
+def psnr(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> float:
+    _check(sr, hr)
+    diff = _crop(sr, border).astype(np.float64) - _crop(hr, border).astype(np.float64)
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+
+
+def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> float:
+    _check(sr, hr)
+    return float(
+        structural_similarity(
+            _crop(hr, border).astype(np.float64),
+            _crop(sr, border).astype(np.float64),
+            data_range=data_range,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+    )
+
+
+def high_frequency_ratio(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER) -> float:
+    """Laplacian energy of SR over that of HR: 1.0 = as much fine detail as HR, < 1 = blurrier.
+
+    A no-download stand-in for a perceptual sharpness figure (not a quality score: noise raises it)."""
+    from scipy.ndimage import laplace
+
+    _check(sr, hr)
+    e_sr = float(np.mean(laplace(_crop(sr, border).astype(np.float64)) ** 2))
+    e_hr = float(np.mean(laplace(_crop(hr, border).astype(np.float64)) ** 2))
+    return e_sr / e_hr if e_hr else float("nan")

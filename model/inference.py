@@ -1,0 +1,158 @@
+"""The node's one entry point into the model: load a checkpoint, upscale numpy images x4.
+
+``Upscaler`` works on float32 (H, W) arrays in [0, 1] and returns (4H, 4W). Large images are cut
+into tiles of ``tile`` LR pixels, each run with ``overlap`` pixels of context on every side and
+only its centre kept, so the result equals the untiled one (within 1e-3 once the overlap covers the
+network's effective receptive field) and working memory is bounded by the tile, not the image.
+On CUDA it runs under bf16/fp16 autocast with channels_last; an out-of-memory error restarts the
+image with half the tile, down to ``min_tile``, and never keeps a tile from the failed attempt.
+The ``csa_pooled`` ablation pools over the whole input, so its tiled output depends on the tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from model.arch import Generator
+from model.checkpoint import ModelCard, load_checkpoint
+
+SCALE = 4
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "cxr-sr-cpu.safetensors"
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class UpscaleError(RuntimeError):
+    """Upscaling could not finish (e.g. out of GPU memory even at the smallest tile)."""
+
+
+@dataclass(frozen=True)
+class LoadedGenerator:
+    net: Generator
+    card: ModelCard
+    device: torch.device
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        return self.card.sha256
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UpscaleError(f"device {device!r} was asked for, but CUDA is not available here")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return torch.device(device)
+
+
+def load_generator(path: str | Path | None = None, device: str | torch.device = "auto") -> LoadedGenerator:
+    """Load a checkpoint (default: the shipped CPU model) onto ``device``, in eval mode."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    dev = resolve_device(device)
+    net, card = load_checkpoint(path)
+    net = net.to(dev).eval()
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return LoadedGenerator(net=net, card=card, device=dev, path=path)
+
+
+def _tile_starts(length: int, tile: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, tile)) + [length - tile]
+
+
+class Upscaler:
+    """x4 super-resolution of float32 (H, W) arrays in [0, 1], tiled, with bounded memory."""
+
+    def __init__(
+        self,
+        model: LoadedGenerator | Generator,
+        *,
+        tile: int = 256,
+        overlap: int = 16,
+        precision: Precision = "auto",
+        min_tile: int = 32,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if tile < 8 or overlap < 0 or min_tile < 8 or min_tile > tile:
+            raise ValueError(
+                f"need tile >= min_tile >= 8 and overlap >= 0, got tile={tile}, "
+                f"min_tile={min_tile}, overlap={overlap}"
+            )
+        if isinstance(model, LoadedGenerator):
+            self.net, self.device = model.net, model.device
+        else:
+            self.net = model.eval()
+            self.device = next(model.parameters()).device if device is None else resolve_device(device)
+        self.tile, self.overlap, self.min_tile = tile, overlap, min_tile
+        self.dtype = self._autocast_dtype(precision)
+
+    def _autocast_dtype(self, precision: Precision) -> torch.dtype | None:
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
+            return None
+        if self.device.type != "cuda":
+            raise ValueError(f"precision {precision!r} needs a CUDA device, got {self.device}")
+        if precision == "fp16":
+            return torch.float16
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if image.ndim != 2:
+            raise ValueError(f"expected a 2-D (H, W) image, got shape {image.shape}")
+        if image.dtype != np.float32:
+            raise ValueError(f"expected float32 in [0, 1], got dtype {image.dtype}")
+        tile = self.tile
+        while True:
+            try:
+                return self._run(image, tile)
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if tile // 2 < self.min_tile:
+                    raise UpscaleError(
+                        f"out of memory on {self.device} even with tile {tile} px; free memory "
+                        "or run on another device"
+                    ) from None
+                tile //= 2  # restart the whole image: nothing from the failed pass is kept
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # (1, 1, h, w) -> (1, 1, 4h, 4w)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        ):
+            return self.net(x).float()
+
+    def _run(self, image: np.ndarray, tile: int) -> np.ndarray:
+        h, w = image.shape
+        out = np.empty((h * SCALE, w * SCALE), dtype=np.float32)
+        src = torch.from_numpy(np.ascontiguousarray(image))
+        o = self.overlap
+        for y in _tile_starts(h, tile):
+            for x in _tile_starts(w, tile):
+                y0, x0 = max(y - o, 0), max(x - o, 0)
+                y1, x1 = min(y + tile + o, h), min(x + tile + o, w)
+                patch = src[y0:y1, x0:x1][None, None].to(self.device)
+                sr = self._forward(patch)[0, 0]  # (4·ph, 4·pw)
+                ty, tx = (y - y0) * SCALE, (x - x0) * SCALE
+                th, tw = min(tile, h - y) * SCALE, min(tile, w - x) * SCALE
+                out[y * SCALE : y * SCALE + th, x * SCALE : x * SCALE + tw] = (
+                    sr[ty : ty + th, tx : tx + tw].clamp(0, 1).cpu().numpy()
+                )
+        return out

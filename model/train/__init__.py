@@ -1,0 +1,1 @@
+"""Training: config (TOML), losses, feature networks and the resumable two-stage loop."""

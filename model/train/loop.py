@@ -1,0 +1,308 @@
+"""The two-stage training loop: PSNR stage (pixel loss), then GAN stage (ESRGAN's recipe).
+
+Resumable: ``state.pt`` in the run folder holds the networks, EMA, optimisers, iteration and every
+random state; running the same config again continues where it stopped (after ``max_minutes``,
+Ctrl-C, SIGTERM or a crash: at most ``save_every`` iterations are lost). The run folder also gets
+``log.jsonl`` (one line per ``log_every`` iterations and per validation), ``last.safetensors``
+(EMA weights at the end) and ``best.safetensors`` (best validation PSNR of the final stage).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.arch import Generator, count_parameters
+from model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from model.data import CropSampler, load_gray, split_files
+from model.degrade import crop_to_scale
+from model.eval.metrics import psnr, ssim
+from model.inference import Upscaler, resolve_device
+from model.train.config import TrainConfig
+from model.train.nets import Discriminator, build_perceptual, relativistic_loss
+
+
+def stage_lr(config: TrainConfig, it: int) -> float:
+    if it < config.psnr.iterations:
+        stage, start, length, base = config.psnr, 0, config.psnr.iterations, config.psnr.lr
+        if stage.warmup and it < stage.warmup:
+            return base * (it + 1) / stage.warmup
+        if stage.schedule == "constant":
+            return base
+    else:
+        start, length, base = config.psnr.iterations, config.gan.iterations, config.gan.lr
+    t = (it - start) / max(length, 1)
+    return base * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config.device)
+        self.amp = config.amp and self.device.type == "cuda"
+        torch.manual_seed(config.seed)
+        root = Path(config.data.root)
+        self.train_files = split_files(root, "train")
+        val = split_files(root, "val")
+        self.val_files = val[: config.val_images] if config.val_images else val
+        self.sampler = CropSampler(
+            self.train_files, config.degradation, hr_crop=config.data.hr_crop, seed=config.seed
+        )
+        self.net = Generator(config.arch).to(self.device)
+        if config.init_from:
+            init, _ = load_checkpoint(Path(config.init_from))
+            if init.config != config.arch:
+                raise ValueError(
+                    f"init_from {config.init_from}: its architecture {init.config} differs from "
+                    f"the config's {config.arch}"
+                )
+            self.net.load_state_dict(init.state_dict(), strict=True)
+        self.ema = copy.deepcopy(self.net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.psnr.lr, betas=(0.9, 0.99))
+        self.disc: Discriminator | None = None
+        self.opt_d: torch.optim.Optimizer | None = None
+        self.perceptual = None
+        self.iteration = 0
+        self.best_psnr = -math.inf
+        self.elapsed_s = 0.0
+        self._stop = False
+
+    # --- state -------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.pt"
+
+    def _enter_gan(self, *, fresh: bool) -> None:
+        g = self.config.gan
+        if fresh:  # ESRGAN: the GAN stage starts from the PSNR model
+            self.net.load_state_dict(self.ema.state_dict())
+            self.best_psnr = -math.inf
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=g.lr, betas=(0.9, 0.99))
+        self.disc = Discriminator(num_feat=g.disc_feat).to(self.device)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=g.lr, betas=(0.9, 0.99))
+        self.perceptual = build_perceptual(g.perceptual, g.perceptual_layer, seed=self.config.seed).to(self.device)
+
+    def save_state(self) -> None:
+        state = {
+            "iteration": self.iteration,
+            "net": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "disc": self.disc.state_dict() if self.disc else None,
+            "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "best_psnr": self.best_psnr,
+            "elapsed_s": self.elapsed_s,
+            "torch_rng": torch.get_rng_state(),
+            "sampler_rng": self.sampler.state(),
+            "config": asdict(self.config),
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def load_state(self) -> bool:
+        if not self.state_path.is_file():
+            return False
+        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        if state["config"]["arch"] != asdict(self.config.arch):
+            raise ValueError(
+                f"{self.state_path} was written for architecture {state['config']['arch']}, not "
+                f"{asdict(self.config.arch)}; use another out_dir"
+            )
+        self.iteration = state["iteration"]
+        if state["disc"] is not None:
+            self._enter_gan(fresh=False)
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.best_psnr = state["best_psnr"]
+        self.elapsed_s = state["elapsed_s"]
+        torch.set_rng_state(state["torch_rng"])
+        self.sampler.set_state(state["sampler_rng"])
+        return True
+
+    # --- steps -------------------------------------------------------------------------------
+    def _pixel_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        loss = F.l1_loss(sr, hr)
+        p = self.config.psnr
+        if p.pixel_loss == "l1_ssim":
+            from pytorch_msssim import ssim as torch_ssim
+
+            loss = loss + p.ssim_weight * (1 - torch_ssim(sr.clamp(0, 1), hr, data_range=1.0))
+        return loss
+
+    def step(self, hr: torch.Tensor, lr_img: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        lr_now = stage_lr(cfg, self.iteration)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_now
+        gan = self.iteration >= cfg.psnr.iterations
+        logs: dict[str, float] = {"lr": lr_now}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            sr = self.net(lr_img)
+        sr = sr.float()
+        if not gan:
+            loss = self._pixel_loss(sr, hr)
+            logs["l_pix"] = loss.item()
+        else:
+            g = cfg.gan
+            for group in self.opt_d.param_groups:
+                group["lr"] = lr_now
+            for p in self.disc.parameters():
+                p.requires_grad_(False)
+            l_pix = F.l1_loss(sr, hr)
+            l_per = F.l1_loss(self.perceptual(sr), self.perceptual(hr))
+            real = self.disc(hr).detach()
+            fake = self.disc(sr)
+            l_adv = relativistic_loss(real, fake, for_generator=True)
+            loss = g.pixel_weight * l_pix + g.perceptual_weight * l_per + g.adversarial_weight * l_adv
+            logs.update(l_pix=l_pix.item(), l_percep=l_per.item(), l_adv=l_adv.item())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if gan:
+            for p in self.disc.parameters():
+                p.requires_grad_(True)
+            real = self.disc(hr)
+            fake = self.disc(sr.detach())
+            l_d = relativistic_loss(real, fake, for_generator=False)
+            self.opt_d.zero_grad(set_to_none=True)
+            l_d.backward()
+            self.opt_d.step()
+            logs["l_d"] = l_d.item()
+        logs["loss"] = loss.item()
+        self._update_ema()
+        return logs
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.config.ema, (1 + self.iteration) / (10 + self.iteration))
+        for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
+            e.copy_(b)
+
+    def validate(self) -> dict[str, float]:
+        up = Upscaler(self.ema, tile=1 << 14, device=self.device, precision="fp32")
+        deg = self.config.degradation
+        scores = []
+        for i, path in enumerate(self.val_files):
+            hr = crop_to_scale(load_gray(path), deg.scale)
+            lr = deg(hr, np.random.default_rng(self.config.seed + i))
+            sr = up(lr)
+            scores.append((psnr(sr, hr), ssim(sr, hr)))
+        self.ema.train(False)
+        mean = np.mean(scores, axis=0)
+        return {"val_psnr_db": float(mean[0]), "val_ssim": float(mean[1])}
+
+    # --- run ---------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def card(self, metrics: dict[str, Any]) -> ModelCard:
+        cfg = self.config
+        stages = {"psnr_iterations": cfg.psnr.iterations, "gan_iterations": cfg.gan.iterations}
+        return ModelCard(
+            name=cfg.name,
+            version=cfg.version,
+            arch=cfg.arch,
+            iterations=self.iteration,
+            training={
+                "data_root": cfg.data.root,
+                "train_images": len(self.train_files),
+                "val_images": len(self.val_files),
+                "hr_crop": cfg.data.hr_crop,
+                "batch_size": cfg.data.batch_size,
+                "psnr_stage": asdict(cfg.psnr),
+                "gan_stage": asdict(cfg.gan) if cfg.gan.iterations else None,
+                "stages": stages,
+                "ema": cfg.ema,
+                "seed": cfg.seed,
+                "init_from": cfg.init_from or None,
+                "device": str(self.device),
+                "elapsed_s": round(self.elapsed_s, 1),
+                "parameters": count_parameters(self.net),
+            },
+            degradation=asdict(cfg.degradation),
+            metrics=metrics,
+            licence=cfg.licence,
+        )
+
+    def export(self, name: str, metrics: dict[str, Any]) -> Path:
+        path = self.out / f"{name}.safetensors"
+        save_checkpoint(path, self.ema, self.card(metrics), dtype=torch.float16)
+        return path
+
+    def run(self, *, max_minutes: float | None = None) -> Path:
+        cfg = self.config
+        resumed = self.load_state()
+        if not resumed and cfg.gan.iterations and cfg.psnr.iterations == 0:
+            self._enter_gan(fresh=False)
+        total = cfg.total_iterations
+        deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, desc=cfg.name, unit="it")
+        try:
+            while self.iteration < total and not self._stop:
+                if self.iteration == cfg.psnr.iterations and cfg.gan.iterations and self.disc is None:
+                    self._enter_gan(fresh=True)
+                t0 = time.perf_counter()
+                hr, lr_img = self.sampler.batch(cfg.data.batch_size)
+                logs = self.step(torch.from_numpy(hr).to(self.device), torch.from_numpy(lr_img).to(self.device))
+                self.elapsed_s += time.perf_counter() - t0
+                self.iteration += 1
+                bar.update(1)
+                if self.iteration % cfg.log_every == 0 or self.iteration == total:
+                    stage = "psnr" if self.iteration <= cfg.psnr.iterations else "gan"
+                    self._log({"iteration": self.iteration, "stage": stage, "elapsed_s": round(self.elapsed_s, 2), **logs})
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if self.iteration % cfg.val_every == 0 or self.iteration == total:
+                    self._validate_and_keep_best()
+                if self.iteration % cfg.save_every == 0:
+                    self.save_state()
+                if deadline and time.monotonic() > deadline:
+                    break
+            self.save_state()
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if self.iteration >= total:
+            return self.export("last", {"val": self.validate()})
+        return self.state_path
+
+    def _validate_and_keep_best(self) -> None:
+        scores = self.validate()
+        stage = "psnr" if self.iteration <= self.config.psnr.iterations else "gan"
+        self._log({"iteration": self.iteration, "stage": stage, **scores})
+        if scores["val_psnr_db"] > self.best_psnr:
+            self.best_psnr = scores["val_psnr_db"]
+            self.export("best", {"val": scores, "selected_at_iteration": self.iteration})
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop = True
+
+
+def train(config: TrainConfig, *, max_minutes: float | None = None, progress: bool = True) -> Path:
+    """Train (or resume) a run; returns ``last.safetensors`` when finished, else ``state.pt``."""
+    return Trainer(config, progress=progress).run(max_minutes=max_minutes)
