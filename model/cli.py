@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -57,6 +58,152 @@ def train_cmd(config: Path, sets: tuple[str, ...], max_minutes: float | None, th
         click.echo(f"stopped before the end; run the same command again to resume from {result}")
     else:
         click.echo(f"finished: {result} (best on val: {result.with_name('best.safetensors')})")
+
+
+def _model_errors() -> tuple[type[BaseException], ...]:
+    from model.inference import UpscaleError
+
+    return (ValueError, OSError, UpscaleError)
+
+
+@model_group.command("eval")
+@click.option(
+    "--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="A .safetensors checkpoint; repeat for several (default: the node's shipped checkpoint).",
+)
+@click.option("--bicubic-only", is_flag=True, help="Evaluate the bicubic baseline alone (no checkpoint).")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Image folder; with train/val/test subfolders, --split picks one.",
+)
+@click.option(
+    "--split", type=click.Choice(["train", "val", "test"]), default=None,
+    help="Default: test for a split folder, every image for a flat one.",
+)
+@click.option("--degradation", type=click.Choice(["paper", "lowdose"]), default="paper", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval"), show_default=True)
+@click.option("--tile", type=click.IntRange(min=8), default=256, show_default=True, help="LR tile side, px.")
+@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True, help="LR tile context, px.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--crops", type=click.IntRange(min=0), default=4, show_default=True, help="Crop PNGs for the first N images.")
+@click.option("--lpips-backbone", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="torchvision AlexNet state dict (alexnet-owt-7be5be79.pth); needs --lpips-linear.")
+@click.option("--lpips-linear", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="LPIPS v0.1 linear weights (alex.pth from the lpips package); needs --lpips-backbone.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def eval_cmd(
+    checkpoints: tuple[Path, ...], bicubic_only: bool, data: Path, split: str | None, degradation: str,
+    limit: int | None, out: Path, tile: int, overlap: int, precision: str, device: str, crops: int,
+    lpips_backbone: Path | None, lpips_linear: Path | None, threads: int | None, no_progress: bool,
+) -> None:
+    """Score bicubic and checkpoints on degraded images: metrics.json, per_image.csv, report.md, crops/."""
+    import torch
+
+    from model.eval.report import report_table
+    from model.eval.run import evaluate
+
+    if threads:
+        torch.set_num_threads(threads)
+    if (lpips_backbone is None) != (lpips_linear is None):
+        raise click.UsageError("--lpips-backbone and --lpips-linear go together: give both or neither")
+    if bicubic_only and checkpoints:
+        raise click.UsageError("--bicubic-only and --checkpoint exclude each other")
+    try:
+        metrics = evaluate(
+            [] if bicubic_only else (list(checkpoints) or None),
+            data,
+            split=split,
+            degradation=degradation,
+            limit=limit,
+            out=out,
+            tile=tile,
+            overlap=overlap,
+            precision=precision,
+            device=device,
+            crops=crops,
+            lpips_files=(lpips_backbone, lpips_linear) if lpips_backbone else None,
+            progress=not no_progress,
+        )
+    except _model_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{metrics['images']} images, split {metrics['split']}, degradation {metrics['degradation']}\n"
+    )
+    click.echo(report_table(metrics))
+    click.echo(f"\nwrote {out}/metrics.json, per_image.csv, report.md and crops/")
+
+
+_MODEL_OPTIONS = (
+    click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="A .safetensors checkpoint (default: the node's shipped checkpoint)."),
+    click.option("--arch", default=None, help="Instead of a checkpoint: 'paper' or a training config .toml."),
+)
+
+
+def _model_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """--checkpoint and --arch, shared by info and bench."""
+    for option in reversed(_MODEL_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@model_group.command("info")
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info_cmd(checkpoint: Path | None, arch: str | None, as_json: bool) -> None:
+    """Describe a generator: its card (or architecture), exact parameter count and MACs."""
+    from model.eval.bench import ModelSpec, format_info, model_info
+
+    try:
+        info = model_info(ModelSpec.resolve(checkpoint=checkpoint, arch=arch))
+    except _model_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+def _parse_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated LR sides in px, e.g. 64,256,1024; got {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"sizes must be positive integers, got {value!r}")
+    return sizes
+
+
+@model_group.command("bench")
+@_model_options
+@click.option("--sizes", default="64,256,1024", show_default=True, callback=_parse_sizes,
+              help="LR input sides in px, comma-separated.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per size.")
+@click.option("--budget-s", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Stop repeating a size once its runs took this long (at least one run).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--tile", type=click.IntRange(min=8), default=256, show_default=True, help="LR tile side, px.")
+@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True, help="LR tile context, px.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_cmd(
+    checkpoint: Path | None, arch: str | None, sizes: tuple[int, ...], repeats: int, budget_s: float,
+    device: str, tile: int, overlap: int, threads: int | None, as_json: bool,
+) -> None:
+    """Seconds per image and peak memory of the generator against bicubic, per input size."""
+    import torch
+
+    from model.eval.bench import BenchConfig, ModelSpec, benchmark, format_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        spec = ModelSpec.resolve(checkpoint=checkpoint, arch=arch)
+        config = BenchConfig(sizes=sizes, repeats=repeats, budget_s=budget_s, device=device, tile=tile, overlap=overlap)
+        result = benchmark(spec, config)
+    except _model_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
 def main(argv: list[str] | None = None) -> None:

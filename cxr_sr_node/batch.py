@@ -1,0 +1,120 @@
+"""``cxr-sr-node batch IN OUT``: the node's eligibility and derive code over a folder of files.
+
+Output goes to ``OUT/<StudyInstanceUID>/<derived SeriesInstanceUID>/<derived SOPInstanceUID>.dcm``.
+Derived UIDs are deterministic (source UID + model sha256 + node version), so a second run finds
+each output already there and skips it: an interrupted batch resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from tqdm import tqdm
+
+from cxr_sr_node import __version__
+from cxr_sr_node.config import NodeConfig
+from cxr_sr_node.derive import derived_uid, write_dataset
+from cxr_sr_node.eligibility import check
+from cxr_sr_node.logs import get_logger
+from cxr_sr_node.spool import safe_name
+from cxr_sr_node.worker import Engine, derive_file
+
+log = get_logger("cxr_sr_node.batch")
+
+
+@dataclass
+class BatchSummary:
+    processed: int = 0
+    already_done: int = 0
+    skipped: Counter = field(default_factory=Counter)  # rule -> count
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    elapsed_s: float = 0.0
+    outputs: list[Path] = field(default_factory=list)
+
+
+def find_files(root: Path, *, recursive: bool) -> list[Path]:
+    pattern = root.rglob("*") if recursive else root.glob("*")
+    return sorted(p for p in pattern if p.is_file() and not p.name.startswith("."))
+
+
+def read_header(path: Path) -> pydicom.Dataset | None:
+    """The header of a DICOM file (Part 10, or a bare dataset without preamble); None if not DICOM."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        pass
+    except Exception:  # noqa: BLE001 - a damaged Part-10 file: try the tolerant reader below
+        pass
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return ds if "SOPInstanceUID" in ds and "SOPClassUID" in ds else None
+
+
+def output_path(out_dir: Path, header: pydicom.Dataset, model_sha256: str) -> Path:
+    study = str(header.StudyInstanceUID)
+    series = derived_uid("series", str(header.SeriesInstanceUID), model_sha256, __version__)
+    sop = derived_uid("sop", str(header.SOPInstanceUID), model_sha256, __version__)
+    return out_dir / safe_name(study) / safe_name(series) / f"{safe_name(sop)}.dcm"
+
+
+def run_batch(in_dir: Path, out_dir: Path, config: NodeConfig, *, recursive: bool = False,
+              progress: bool = True, engine: Engine | None = None) -> BatchSummary:
+    started = time.perf_counter()
+    summary = BatchSummary()
+    files = find_files(in_dir, recursive=recursive)
+    for path in tqdm(files, disable=not progress, unit="file", desc="cxr-sr-node batch"):
+        header = read_header(path)
+        if header is None:
+            summary.skipped["not_dicom"] += 1
+            log.info("instance.skipped", file=path.name, rule="not_dicom")
+            continue
+        verdict = check(header, require_body_part=config.require_body_part, own_device_uid=config.device_uid, decode=False)
+        if not verdict.eligible:  # header rules first: no pixel decoding, no model for these
+            summary.skipped[verdict.rule] += 1
+            log.info("instance.skipped", sop_instance_uid=str(header.get("SOPInstanceUID", "")), rule=verdict.rule,
+                     reason=verdict.reason)
+            continue
+        if engine is None:
+            engine = Engine.load(config)
+        target = output_path(out_dir, header, engine.model.sha256)
+        if target.exists():
+            summary.already_done += 1
+            continue
+        try:
+            outcome = derive_file(path, engine)
+            if outcome.kind == "skipped":
+                summary.skipped[outcome.rule] += 1
+                log.info("instance.skipped", sop_instance_uid=outcome.sop_instance_uid, rule=outcome.rule,
+                         reason=outcome.reason)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_dataset(outcome.dataset, target)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            summary.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
+            log.error("instance.failed", file=path.name, error=f"{type(exc).__name__}: {exc}")
+            continue
+        summary.processed += 1
+        summary.outputs.append(target)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def print_summary(summary: BatchSummary) -> None:
+    import click
+
+    rows = [("processed", summary.processed), ("already done", summary.already_done)]
+    rows += [(f"skipped: {rule}", n) for rule, n in sorted(summary.skipped.items())]
+    rows += [("failed", len(summary.failed))]
+    width = max(len(r[0]) for r in rows)
+    for name, n in rows:
+        click.echo(f"{name:<{width}}  {n}")
+    for file, reason in summary.failed:
+        click.echo(f"failed {file}: {reason}", err=True)
+    click.echo(f"elapsed {summary.elapsed_s:.1f} s")

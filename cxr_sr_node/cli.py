@@ -1,0 +1,194 @@
+"""``cxr-sr-node``: serve, batch, check, status, retry, bench, and the ``model`` group.
+
+Configuration is merged here, once: defaults < TOML (``--config`` or ``CXRSR_CONFIG``) <
+``CXRSR_*`` environment < flags, into a frozen ``NodeConfig`` passed down to everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cxr_sr_node import __version__
+from cxr_sr_node.config import ConfigError, NodeConfig, load_config
+from cxr_sr_node.logs import configure_logging
+
+
+def _config(config_file: Path | None, **flags: Any) -> NodeConfig:
+    try:
+        return load_config(toml_path=config_file, flags=flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML settings file (see deploy/cxr-sr-node.example.toml); env CXRSR_CONFIG.",
+)
+spool_option = click.option("--spool", type=click.Path(file_okay=False, path_type=Path), help="Spool folder [spool].")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs [auto].")
+checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Generator checkpoint (.safetensors with its .json card) [the shipped CPU model].",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cxr-sr-node")
+def main() -> None:
+    """DICOM node that returns 4x super-resolved chest X-rays (CSAEGAN) as a derived series."""
+
+
+@main.command()
+@config_option
+@click.option("--ae", "ae_title", help="Our AE title [CXRSR].")
+@click.option("--port", type=int, help="DICOM port [11112].")
+@click.option("--bind", "bind_address", help="Address to listen on [0.0.0.0].")
+@click.option("--dest", help="Where derived series go: AE@HOST:PORT.")
+@spool_option
+@click.option("--allow", multiple=True, help="Calling AE allowed to store, AE or AE@HOST (repeatable).")
+@device_option
+@checkpoint_option
+@click.option("--workers", type=int, help="Worker processes (one per GPU) [1].")
+@click.option("--http-port", type=int, help="Port for /healthz and /metrics [off].")
+@click.option("--series-idle-s", type=float, help="Seconds without a new instance before a series is complete [5].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config_file: Path | None, allow: tuple[str, ...], **flags: Any) -> None:
+    """Run the DICOM node: receive, super-resolve, send back."""
+    cfg = _config(config_file, allow=allow, **flags)
+    configure_logging(cfg.log_level, json=cfg.log_json)
+    from cxr_sr_node.node import Node
+
+    try:
+        Node(cfg).serve_forever()
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("in_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--recursive", "-r", is_flag=True, help="Descend into sub-folders.")
+@config_option
+@device_option
+@checkpoint_option
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def batch(in_dir: Path, out_dir: Path, recursive: bool, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
+    """Derive every eligible DICOM file of IN_DIR into OUT_DIR/<study>/<series>/<sop>.dcm."""
+    cfg = _config(config_file, **flags)
+    configure_logging("warning" if cfg.log_level == "info" else cfg.log_level, json=cfg.log_json)
+    from cxr_sr_node.batch import print_summary, run_batch
+
+    summary = run_batch(in_dir, out_dir, cfg, recursive=recursive, progress=not no_progress)
+    print_summary(summary)
+    sys.exit(1 if summary.failed else 0)
+
+
+@main.command()
+@config_option
+@spool_option
+@checkpoint_option
+@device_option
+@click.option("--dest", help="Destination to C-ECHO: AE@HOST:PORT.")
+@click.option("--no-model", is_flag=True, help="Skip loading the model (fast liveness check).")
+def check(config_file: Path | None, no_model: bool, **flags: Any) -> None:
+    """Health check: exits 0 when config, spool, model and destination are usable, else 1."""
+    cfg = _config(config_file, **flags)
+    from cxr_sr_node.health import run_checks
+
+    ok = True
+    for name, passed, detail in run_checks(cfg, load_model=not no_model):
+        click.echo(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
+        ok &= passed
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@config_option
+@spool_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
+    """Spool counts by state, and the failed jobs with their reasons."""
+    cfg = _config(config_file, **flags)
+    from cxr_sr_node.spool import Spool
+
+    spool = Spool(cfg.spool)
+    counts = spool.counts()
+    failed = [{"job_id": j.job_id, "series_instance_uid": j.series_uid, "reason": j.reason} for j in spool.jobs("failed")]
+    if as_json:
+        click.echo(json.dumps({"spool": str(cfg.spool), "counts": counts, "failed": failed}, indent=2))
+        return
+    click.echo(f"spool {cfg.spool}")
+    for key, value in counts.items():
+        click.echo(f"  {key:<16} {value}")
+    for job in failed:
+        click.echo(f"failed {job['job_id']}: {job['reason']}")
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1)
+@click.option("--all-failed", is_flag=True, help="Re-queue every failed job.")
+@config_option
+@spool_option
+def retry(job_ids: tuple[str, ...], all_failed: bool, config_file: Path | None, **flags: Any) -> None:
+    """Re-queue failed jobs (to sending if their output exists, else to processing)."""
+    cfg = _config(config_file, **flags)
+    from cxr_sr_node.spool import Spool
+
+    spool = Spool(cfg.spool)
+    ids = list(job_ids) + ([j.job_id for j in spool.jobs("failed")] if all_failed else [])
+    if not ids:
+        raise click.UsageError("name at least one JOB_ID, or --all-failed")
+    errors = 0
+    for job_id in ids:
+        try:
+            click.echo(f"{job_id}: re-queued as {spool.retry(job_id)}")
+        except (KeyError, ValueError) as exc:
+            click.echo(f"{job_id}: {exc.args[0]}", err=True)
+            errors += 1
+    sys.exit(1 if errors else 0)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures and a ratio against a baseline run in the same process."""
+
+
+@bench.command("receive")
+@click.option("--count", type=int, default=100, help="Instances to send [100].")
+@click.option("--size-mib", type=float, default=8.0, help="Size of each instance [8].")
+@click.option("--json", "as_json", is_flag=True)
+def bench_receive(count: int, size_mib: float, as_json: bool) -> None:
+    """Receive throughput and RSS of the node's SCP vs dcmtk's storescp on the same files."""
+    from cxr_sr_node.bench import receive_benchmark
+
+    result = receive_benchmark(count=count, size_mib=size_mib)
+    click.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
+@bench.command("pipeline")
+@click.option("--images", type=int, default=3, help="Chest images to send [3].")
+@checkpoint_option
+@click.option("--json", "as_json", is_flag=True)
+def bench_pipeline(images: int, checkpoint: Path | None, as_json: bool) -> None:
+    """End-to-end round trip per image: storescu -> node -> super-resolve -> storescp."""
+    from cxr_sr_node.bench import pipeline_benchmark
+
+    result = pipeline_benchmark(images=images, checkpoint=checkpoint)
+    click.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
+def _mount_model_group() -> None:
+    from model.cli import model_group  # the CLI is the one place both packages meet
+
+    main.add_command(model_group, "model")
+
+
+_mount_model_group()
+
+if __name__ == "__main__":
+    main()

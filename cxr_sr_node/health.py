@@ -1,0 +1,56 @@
+"""``cxr-sr-node check``: can this configuration run? Each check names what failed and what to do."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from cxr_sr_node.config import NodeConfig
+
+Check = tuple[str, bool, str]
+
+
+def run_checks(config: NodeConfig, *, load_model: bool = True) -> Iterator[Check]:
+    yield "config", True, f"AE {config.ae_title} port {config.port}, dest {config.dest or 'none (output kept in spool/done)'}"
+    yield _check_spool(config)
+    if load_model:
+        yield _check_model(config)
+    if config.dest is not None:
+        yield _check_dest(config)
+
+
+def _check_spool(config: NodeConfig) -> Check:
+    root = Path(config.spool)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".check-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return "spool", False, f"{root} is not writable ({exc}); fix its permissions or choose another --spool"
+    free_mb = shutil.disk_usage(root).free // 2**20
+    if free_mb < config.min_free_disk_mb:
+        return "spool", False, f"{free_mb} MiB free at {root}, below min_free_disk_mb={config.min_free_disk_mb}; free space"
+    return "spool", True, f"{root} writable, {free_mb} MiB free"
+
+
+def _check_model(config: NodeConfig) -> Check:
+    try:
+        from model.inference import load_generator
+
+        loaded = load_generator(config.checkpoint, config.device)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return "model", False, f"{exc}"
+    return "model", True, f"{loaded.card.name} {loaded.card.version} sha256 {loaded.sha256[:12]} on {loaded.device}"
+
+
+def _check_dest(config: NodeConfig) -> Check:
+    from cxr_sr_node.send import SendError, echo
+
+    try:
+        status = echo(config.dest, calling_ae=config.ae_title, timeout_s=10)
+    except (SendError, OSError) as exc:
+        return "dest", False, f"C-ECHO to {config.dest} failed: {exc}"
+    return "dest", status == 0, f"C-ECHO to {config.dest}: 0x{status:04X}"

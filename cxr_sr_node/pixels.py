@@ -1,0 +1,325 @@
+"""Pixel mapping between a CR/DX dataset and the model's [0, 1] domain (DESIGN §4).
+
+The model was trained on display-contrast images; CR/DX stored values are often raw
+(10-16 bit, narrow used range, MONOCHROME1). The path is:
+
+    stored values --Modality LUT--> modality values v
+    u = clip((v - low) / (high - low), 0, 1)         low, high = 0.5th / 99.5th percentile of v
+    u = 1 - u                                          for MONOCHROME1, so bone is always bright
+    ... super-resolution on u ...
+    v = low + u * (high - low)                         (after undoing the inversion)
+    out = v              (MONOCHROME2 source)
+    out = out_max - v    (MONOCHROME1 source: flipped, the output is always MONOCHROME2)
+    out = clip(round(out), 0, out_max),  out_max = 2**BitsStored - 1,  uint16
+
+Decisions where DESIGN is silent:
+
+- The output's stored values are the source's *modality* values (the output has an identity
+  Modality LUT and carries no Rescale Slope/Intercept), so Window Center/Width, which are defined
+  on modality values, carry over unchanged for MONOCHROME2 sources.
+- The bit depth always comes from BitsStored, never from the observed maximum (BasicSR's
+  ``max > 256`` trap): a 16-bit image whose values happen to be < 256 stays a 16-bit image.
+- A flat image (robust range of zero width) gets a span of one modality unit so the map stays
+  invertible; the model then sees a constant image.
+- Down-sampling in :func:`resample_to_fit` uses Pillow's Lanczos filter on 32-bit float ('F')
+  images: Pillow widens the kernel by the reduction factor (true anti-aliasing), unlike
+  ``scipy.ndimage.zoom``, which samples without a low-pass filter and aliases.
+- Datasets without a Transfer Syntax UID (headerless files read with ``force=True``) are decoded
+  with the syntax their encoding implies (implicit/explicit VR, little/big endian, native pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset
+from pydicom.pixels import apply_modality_lut, as_pixel_options, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import DS
+
+ROBUST_LOW_PERCENTILE = 0.5
+ROBUST_HIGH_PERCENTILE = 99.5
+FLAT_IMAGE_SPAN = 1.0  # modality units used when the robust range has zero width
+MAX_BITS_STORED = 16  # the output is a 16-bit container
+RESAMPLE_FILTER = Image.Resampling.LANCZOS
+RESAMPLE_FILTER_NAME = "Lanczos"
+ROBUST_WINDOW_EXPLANATION = "ROBUST 0.5-99.5 PCT"
+
+# VOI LUT Function values (PS3.3 C.11.2.1.3) and how each mirrors (see voi_for_output).
+VOI_LINEAR = "LINEAR"
+VOI_LINEAR_EXACT = "LINEAR_EXACT"
+VOI_SIGMOID = "SIGMOID"
+
+
+@dataclass(frozen=True)
+class PixelMapping:
+    """Everything needed to invert :func:`to_unit`.
+
+    ``low``/``high`` are the robust range in modality-value units (after Rescale Slope/Intercept
+    or the Modality LUT Sequence); ``invert`` is True for MONOCHROME1 sources; ``bits_stored`` is
+    the source's BitsStored, which the output keeps.
+    """
+
+    low: float
+    high: float
+    invert: bool
+    bits_stored: int
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.low) and np.isfinite(self.high)):
+            raise ValueError(f"PixelMapping low/high must be finite; got low={self.low}, high={self.high}")
+        if self.high <= self.low:
+            raise ValueError(f"PixelMapping needs high > low; got low={self.low}, high={self.high}")
+        if not 1 <= self.bits_stored <= MAX_BITS_STORED:
+            raise ValueError(
+                f"PixelMapping bits_stored must be 1..{MAX_BITS_STORED} (a 16-bit output container); "
+                f"got {self.bits_stored}"
+            )
+
+    @property
+    def out_max(self) -> int:
+        """Largest output value: ``2**bits_stored - 1``."""
+        return 2**self.bits_stored - 1
+
+    @property
+    def span(self) -> float:
+        return self.high - self.low
+
+    def describe(self) -> str:
+        """One line for DerivationDescription: the exact, invertible map that was used."""
+        polarity = "MONOCHROME1 inverted for the model, output flipped to MONOCHROME2" if self.invert else (
+            "MONOCHROME2"
+        )
+        return (
+            f"modality values [{self.low:.6g}, {self.high:.6g}] "
+            f"({ROBUST_LOW_PERCENTILE}-{ROBUST_HIGH_PERCENTILE} percentile) mapped linearly to [0, 1]; "
+            f"{polarity}; BitsStored {self.bits_stored} (0-{self.out_max})"
+        )
+
+
+def transfer_syntax_of(ds: Dataset) -> UID | None:
+    """Return the dataset's Transfer Syntax UID, or the one its encoding implies.
+
+    A dataset read with ``force=True`` from a headerless file has no File Meta; its pixel data is
+    then native and the syntax follows from how the dataset was encoded. None when neither is known.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None and file_meta.get("TransferSyntaxUID"):
+        return UID(file_meta.TransferSyntaxUID)
+    is_implicit_vr, is_little_endian = getattr(ds, "original_encoding", (None, None))
+    if is_implicit_vr is None or is_little_endian is None:
+        return None
+    if is_implicit_vr:
+        return ImplicitVRLittleEndian if is_little_endian else None
+    return ExplicitVRLittleEndian if is_little_endian else ExplicitVRBigEndian
+
+
+def decode(ds: Dataset) -> np.ndarray:
+    """Decode the Pixel Data as stored values: ``ds.pixel_array``, or the implied syntax when the
+    dataset has no Transfer Syntax UID (see :func:`transfer_syntax_of`)."""
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None and file_meta.get("TransferSyntaxUID"):
+        return ds.pixel_array
+    tsyntax = transfer_syntax_of(ds)
+    if tsyntax is None:
+        raise ValueError(
+            "cannot decode Pixel Data: the dataset has no (0002,0010) Transfer Syntax UID and its "
+            "encoding is unknown; set ds.file_meta.TransferSyntaxUID"
+        )
+    arr, _ = get_decoder(tsyntax).as_array(ds, validate=True, **as_pixel_options(ds))
+    return arr
+
+
+def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
+    """Decode, apply the Modality LUT and map linearly to float32 [0, 1] (bone bright).
+
+    Returns the (rows, columns) image and the :class:`PixelMapping` that inverts it.
+    """
+    stored = decode(ds)
+    if stored.ndim != 2:
+        raise ValueError(
+            f"to_unit needs a single-frame, single-sample image; decoded Pixel Data has shape {stored.shape}"
+        )
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)  # (H, W) modality values
+    low, high = (float(p) for p in np.percentile(values, [ROBUST_LOW_PERCENTILE, ROBUST_HIGH_PERCENTILE]))
+    if high - low <= 0:
+        high = low + FLAT_IMAGE_SPAN
+    mapping = PixelMapping(
+        low=low,
+        high=high,
+        invert=_photometric(ds) == "MONOCHROME1",
+        bits_stored=int(ds.BitsStored),
+    )
+    unit = np.clip((values - low) / mapping.span, 0.0, 1.0)
+    if mapping.invert:
+        unit = 1.0 - unit
+    return unit.astype(np.float32), mapping
+
+
+def from_unit(sr: np.ndarray, mapping: PixelMapping) -> np.ndarray:
+    """Exact inverse of :func:`to_unit`, to MONOCHROME2 uint16 in [0, out_max].
+
+    Input values outside [0, 1] (model overshoot) are clipped first. Raises ValueError for
+    non-finite input.
+    """
+    unit = np.asarray(sr, dtype=np.float32)
+    if unit.ndim != 2:
+        raise ValueError(f"from_unit needs a 2-D image; got shape {unit.shape}")
+    if not np.isfinite(unit).all():
+        raise ValueError("from_unit got non-finite values (NaN or inf) from the super-resolution output")
+    unit = np.clip(unit, 0.0, 1.0)
+    if mapping.invert:
+        unit = 1.0 - unit  # back to the source's polarity
+    values = np.float32(mapping.low) + unit * np.float32(mapping.span)  # modality values
+    if mapping.invert:
+        values = np.float32(mapping.out_max) - values  # MONOCHROME1 -> MONOCHROME2
+    return np.clip(np.rint(values), 0, mapping.out_max).astype(np.uint16)
+
+
+def resample_to_fit(img: np.ndarray, max_output_px: int) -> tuple[np.ndarray, float, float]:
+    """Shrink ``img`` so neither side exceeds ``max_output_px``, keeping the aspect ratio.
+
+    Returns ``(img, row_ratio, col_ratio)`` with the true ratios ``out_rows / in_rows`` and
+    ``out_cols / in_cols`` (they differ slightly after rounding to whole pixels; spacing must be
+    recomputed per axis from them). An image that already fits is returned unchanged with ratios
+    1.0. Resampler: Pillow Lanczos on float32 ('F' mode), then clipped to the input's range
+    (Lanczos rings slightly past edges).
+    """
+    if max_output_px < 1:
+        raise ValueError(f"max_output_px must be >= 1; got {max_output_px}")
+    in_rows, in_cols = img.shape
+    if max(in_rows, in_cols) <= max_output_px:
+        return img, 1.0, 1.0
+    factor = max_output_px / max(in_rows, in_cols)
+    out_rows = min(max_output_px, max(1, round(in_rows * factor)))
+    out_cols = min(max_output_px, max(1, round(in_cols * factor)))
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    resized = Image.fromarray(src).resize((out_cols, out_rows), RESAMPLE_FILTER)  # PIL size is (W, H)
+    out = np.clip(np.asarray(resized, dtype=np.float32), float(src.min()), float(src.max()))
+    return out, out_rows / in_rows, out_cols / in_cols
+
+
+def voi_for_output(ds: Dataset, mapping: PixelMapping) -> dict[str, Any]:
+    """VOI LUT module attributes for the output, keyed by DICOM keyword, so it displays like the source.
+
+    The output's stored values are modality values ``v`` (MONOCHROME2 source) or
+    ``v' = out_max - v`` (MONOCHROME1 source, flipped to MONOCHROME2). A MONOCHROME1 display shows
+    ``ymax - VOI(v)``; the output must show the same brightness through its own VOI, so
+    ``VOI'(out_max - v) = ymax - VOI(v)``:
+
+    - Window LINEAR (the default; PS3.3 C.11.2.1.2.1, with its half-unit offset
+      ``(x - (c - 0.5)) / (w - 1)``): ``c' = out_max + 1 - c``, ``w' = w``. (The ``+ 1`` is exact:
+      plain ``out_max - c`` is off by one unit.)
+    - LINEAR_EXACT (``(x - c) / w``) and SIGMOID: ``c' = out_max - c``, ``w' = w``.
+    - VOI LUT Sequence: entries are reversed and complemented, ``LUT'[j] = (2**n - 1) - LUT[N-1-j]``
+      with ``first' = out_max - (first + N - 1)``; entries for input values outside
+      [0, out_max] are dropped (the output cannot contain them).
+
+    MONOCHROME2 sources keep windows and LUTs as they are. All windows of a multi-valued window
+    are mirrored (Window Center/Width pairs; explanations carried). When the source has neither
+    windows nor a VOI LUT, one LINEAR window is computed from the robust range ``[a, b]`` of the
+    output values (``[low, high]``, or ``[out_max - high, out_max - low]`` for MONOCHROME1):
+    ``c = (a + b + 1) / 2``, ``w = b - a + 1``, which maps exactly ``a`` to black and ``b`` to white.
+    """
+    out: dict[str, Any] = {}
+    out.update(_windows_for_output(ds, mapping))
+    luts = _voi_luts_for_output(ds, mapping)
+    if luts:
+        out["VOILUTSequence"] = luts
+    if not out:
+        out.update(_robust_window(mapping))
+    return out
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _photometric(ds: Dataset) -> str:
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return [value]
+    return list(value)
+
+
+def _ds(value: float) -> DS:
+    return DS(float(value), auto_format=True)
+
+
+def _mirrored_center(center: float, function: str, out_max: int) -> float:
+    if function == VOI_LINEAR:
+        return out_max + 1 - center
+    return out_max - center  # LINEAR_EXACT, SIGMOID
+
+
+def _windows_for_output(ds: Dataset, mapping: PixelMapping) -> dict[str, Any]:
+    centers = [float(c) for c in _as_list(ds.get("WindowCenter"))]
+    widths = [float(w) for w in _as_list(ds.get("WindowWidth"))]
+    pairs = list(zip(centers, widths, strict=False))
+    if not pairs:
+        return {}
+    function = str(ds.get("VOILUTFunction", VOI_LINEAR) or VOI_LINEAR).strip().upper()
+    if mapping.invert:
+        pairs = [(_mirrored_center(c, function, mapping.out_max), w) for c, w in pairs]
+    out: dict[str, Any] = {
+        "WindowCenter": [_ds(c) for c, _ in pairs],
+        "WindowWidth": [_ds(w) for _, w in pairs],
+    }
+    explanations = _as_list(ds.get("WindowCenterWidthExplanation"))
+    if len(explanations) == len(pairs):
+        out["WindowCenterWidthExplanation"] = [str(e) for e in explanations]
+    if "VOILUTFunction" in ds and ds.VOILUTFunction:
+        out["VOILUTFunction"] = function
+    return out
+
+
+def _lut_data(item: Dataset, ds: Dataset, entries: int) -> np.ndarray:
+    elem = item["LUTData"]
+    if isinstance(elem.value, bytes):  # OW: raw bytes in the dataset's byte order
+        tsyntax = transfer_syntax_of(ds)
+        dtype = ">u2" if tsyntax is not None and not tsyntax.is_little_endian else "<u2"
+        return np.frombuffer(elem.value, dtype=dtype, count=entries).astype(np.int64)
+    return np.asarray(_as_list(elem.value), dtype=np.int64)[:entries]
+
+
+def _voi_luts_for_output(ds: Dataset, mapping: PixelMapping) -> list[Dataset]:
+    luts: list[Dataset] = []
+    for item in ds.get("VOILUTSequence", None) or []:
+        entries_declared, first, bits = (int(x) for x in item.LUTDescriptor)
+        entries = entries_declared or 2**16
+        data = _lut_data(item, ds, entries)
+        inputs = first + np.arange(len(data))
+        keep = (inputs >= 0) & (inputs <= mapping.out_max)
+        data, inputs = data[keep], inputs[keep]
+        if data.size == 0:
+            continue
+        if mapping.invert:
+            data = (2**bits - 1) - data[::-1]
+            first_out = mapping.out_max - int(inputs[-1])
+        else:
+            first_out = int(inputs[0])
+        lut = Dataset()
+        lut.LUTDescriptor = [data.size % 2**16, first_out, bits]  # 0 means 65536 entries
+        lut.add_new("LUTData", "OW", data.astype("<u2").tobytes())
+        if item.get("LUTExplanation"):
+            lut.LUTExplanation = item.LUTExplanation
+        luts.append(lut)
+    return luts
+
+
+def _robust_window(mapping: PixelMapping) -> dict[str, Any]:
+    a, b = mapping.low, mapping.high
+    if mapping.invert:
+        a, b = mapping.out_max - b, mapping.out_max - a
+    return {
+        "WindowCenter": [_ds((a + b + 1) / 2)],
+        "WindowWidth": [_ds(b - a + 1)],
+        "WindowCenterWidthExplanation": [ROBUST_WINDOW_EXPLANATION],
+    }

@@ -1,0 +1,267 @@
+"""The C-ECHO / C-STORE SCP: validate the header, write durably, answer, and nothing more.
+
+Handlers are bound with their dependencies and *return* a named status; they never raise (a raise
+would become pynetdicom's generic 0xC211) and never decode pixels or touch torch. Datasets arrive
+in chunks straight to a file in ``spool/tmp`` (``STORE_RECV_CHUNKED_DATASET``); the handler reads
+the header only, fsyncs, renames the file into ``spool/incoming`` and only then answers 0x0000.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from cxr_sr_node import eligibility, statuses
+from cxr_sr_node.config import NodeConfig
+from cxr_sr_node.logs import get_logger
+from cxr_sr_node.spool import Spool, safe_name
+
+# Every transfer syntax pydicom (+ pylibjpeg) can decode; offered for every storage SOP class.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+]
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+log = get_logger("cxr_sr_node.scp")
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm: DIMSE messages are small writes followed by a wait for a reply."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def handle_conn_open(event: evt.Event) -> None:
+    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+
+class SeriesTracker:
+    """Which series are still arriving: the associations delivering them and the last arrival.
+
+    A series is complete when every association that delivered it has ended and nothing arrived
+    for ``idle_s``, or ``max_wait_s`` after its first instance, whatever is still open."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], dict[str, Any]] = {}
+        self._assoc_series: dict[int, set[tuple[str, str]]] = {}
+
+    def arrived(self, key: tuple[str, str], assoc_id: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            state = self._series.setdefault(key, {"first": now, "last": now, "assocs": set()})
+            state["last"] = now
+            state["assocs"].add(assoc_id)
+            self._assoc_series.setdefault(assoc_id, set()).add(key)
+
+    def association_ended(self, assoc_id: int) -> None:
+        with self._lock:
+            for key in self._assoc_series.pop(assoc_id, set()):
+                if key in self._series:
+                    self._series[key]["assocs"].discard(assoc_id)
+                    self._series[key]["last"] = time.monotonic()
+
+    def is_complete(self, key: tuple[str, str], *, idle_s: float, max_wait_s: float, fallback_age_s: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            state = self._series.get(key)
+            if state is None:  # received before a restart: its associations are long gone
+                return fallback_age_s >= idle_s
+            if now - state["first"] >= max_wait_s:
+                return True
+            return not state["assocs"] and now - state["last"] >= idle_s
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._series.pop(key, None)
+
+
+class StorageSCP:
+    """pynetdicom AE serving C-ECHO and C-STORE into the spool."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        spool: Spool,
+        tracker: SeriesTracker,
+        *,
+        on_store: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.tracker = tracker
+        self.on_store = on_store or (lambda status: None)
+        self.server = None
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.require_called_aet = True
+        self.ae.maximum_associations = config.max_associations
+        self.ae.maximum_pdu_size = config.max_pdu
+        self.ae.acse_timeout = config.acse_timeout_s
+        self.ae.dimse_timeout = config.dimse_timeout_s
+        self.ae.network_timeout = config.network_timeout_s
+        self.ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if not config.allow:
+            log.warning("scp.open_to_all", detail="no allow-list: any calling AE may store; set allow")
+
+    def handlers(self) -> list:
+        return [
+            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_ESTABLISHED, self.handle_established),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_ended),
+            (evt.EVT_ABORTED, self.handle_ended),
+        ]
+
+    def start(self) -> None:
+        # pynetdicom writes chunked receives with NamedTemporaryFile: put them on the spool's file
+        # system, so accepting one is a rename, not a copy. This process is the node; nothing else
+        # in it relies on the default temporary folder.
+        tempfile.tempdir = str(self.spool.tmp_dir)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self.server = self.ae.start_server(
+            (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers()
+        )
+        log.info("scp.started", ae_title=self.config.ae_title, port=self.port, bind_address=self.config.bind_address)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.config.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        log.info("scp.stopped")
+
+    # --- handlers --------------------------------------------------------------------------------
+    def _allowed(self, ae_title: str, address: str) -> bool:
+        return not self.config.allow or any(rule.matches(ae_title, address) for rule in self.config.allow)
+
+    def handle_requested(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        calling = rq.primitive.calling_ae_title.strip() if rq.primitive else ""
+        if not self._allowed(calling, rq.address):
+            log.warning("association.rejected", calling_ae=calling, address=rq.address, reason="calling AE not allowed")
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognised
+
+    def handle_established(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        log.info("association.accepted", calling_ae=rq.ae_title.strip(), address=rq.address, port=rq.port,
+                 assoc_id=id(event.assoc))
+
+    def handle_ended(self, event: evt.Event) -> None:
+        self.tracker.association_ended(id(event.assoc))
+        rq = event.assoc.requestor
+        outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info(f"association.{outcome}", calling_ae=rq.ae_title.strip(), address=rq.address, assoc_id=id(event.assoc))
+
+    def handle_echo(self, event: evt.Event) -> int:
+        log.info("echo.received", calling_ae=event.assoc.requestor.ae_title.strip())
+        return statuses.SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int:
+        started = time.perf_counter()
+        try:
+            status, fields = self._store(event)
+        except Exception as exc:  # noqa: BLE001 - the SCP must keep serving; the reason is logged
+            status, fields = statuses.OUT_OF_RESOURCES, {"reason": f"{type(exc).__name__}: {exc}"}
+        fields["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        rq = event.assoc.requestor
+        name = "store.received" if status == statuses.SUCCESS else "store.refused"
+        (log.info if status == statuses.SUCCESS else log.warning)(
+            name, status=f"0x{status:04X}", calling_ae=rq.ae_title.strip(), address=rq.address, **fields
+        )
+        self.on_store(status)
+        return status
+
+    def _store(self, event: evt.Event) -> tuple[int, dict[str, Any]]:
+        path = Path(event.dataset_path)
+        rq = event.assoc.requestor
+        calling, address = rq.ae_title.strip(), rq.address
+        size = path.stat().st_size
+        fields: dict[str, Any] = {"bytes": size, "sop_instance_uid": str(event.request.AffectedSOPInstanceUID)}
+        if size > self.config.max_instance_mb * 1024 * 1024:
+            fields["reason"] = f"instance of {size} bytes exceeds max_instance_mb={self.config.max_instance_mb}"
+            return statuses.OUT_OF_RESOURCES, fields
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.config.min_free_disk_mb * 1024 * 1024:
+            fields["reason"] = f"free disk {free // 2**20} MiB below min_free_disk_mb={self.config.min_free_disk_mb}"
+            return statuses.OUT_OF_RESOURCES, fields
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            uids = {k: str(header[k].value).strip() for k in REQUIRED_UIDS if k in header and header[k].value}
+        except Exception as exc:  # noqa: BLE001 - any parse failure means we cannot understand it
+            reason = f"dataset cannot be parsed: {type(exc).__name__}: {exc}"
+            self.spool.quarantine(path, reason=reason, calling_ae=calling, address=address)
+            fields["reason"] = reason
+            return statuses.CANNOT_UNDERSTAND, fields
+        missing = [k for k in REQUIRED_UIDS if k not in uids]
+        if missing:
+            reason = f"dataset lacks {', '.join(missing)}"
+            self.spool.quarantine(path, reason=reason, calling_ae=calling, address=address)
+            fields["reason"] = reason
+            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, fields
+        fields.update(series_instance_uid=uids["SeriesInstanceUID"], study_instance_uid=uids["StudyInstanceUID"],
+                      sop_instance_uid=uids["SOPInstanceUID"])
+        if self.config.reject_ineligible and not eligibility.is_own_output(header, self.config.device_uid):
+            verdict = eligibility.check(header, require_body_part=self.config.require_body_part,
+                                        own_device_uid=self.config.device_uid, decode=False)
+            if not verdict.eligible:
+                fields.update(rule=verdict.rule, reason=verdict.reason)
+                return statuses.INELIGIBLE_REFUSED, fields
+        self.spool.accept_instance(
+            path,
+            study_uid=uids["StudyInstanceUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            sop_uid=uids["SOPInstanceUID"],
+            calling_ae=calling,
+            address=address,
+        )
+        key = (safe_name(uids["StudyInstanceUID"]), safe_name(uids["SeriesInstanceUID"]))
+        self.tracker.arrived(key, id(event.assoc))
+        return statuses.SUCCESS, fields

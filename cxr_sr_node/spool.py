@@ -1,0 +1,437 @@
+"""The spool: folders a person can read, plus a SQLite (WAL) job table beside them.
+
+Layout under the spool root::
+
+    tmp/                                   partial receives (pynetdicom's chunked temp files)
+    incoming/<study>/<series>/<sop>.dcm    acknowledged instances of series still arriving
+    incoming/<study>/<series>/source.json  who sent the series (calling AE, address)
+    jobs/<job>/in/<sop>.dcm                a complete series, waiting for or in processing
+    jobs/<job>/out/<sop>.dcm               derived instances, waiting to be sent
+    done/<job>/                            finished jobs (kept ``keep_done_days``)
+    failed/<job>/ + reason.json            dead letter; ``cxr-sr-node retry JOB`` re-queues
+    quarantine/<name>.dcm + .reason.json   instances that could not be parsed
+    jobs.sqlite                            job state: ready → running → outgoing → sending → done | failed
+
+Every file is written (or received) elsewhere, fsynced, and renamed into place; directories are
+fsynced after renames, so an instance that got status 0x0000 survives ``kill -9`` and power loss.
+The database row is the truth about a job's state; ``recover()`` re-aligns folders and rows after
+a crash between the two. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = ("ready", "running", "outgoing", "sending", "done", "failed")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    calling_address TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    send_attempts INTEGER NOT NULL DEFAULT 0,
+    lease_until REAL NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    result TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
+"""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def safe_name(uid: str) -> str:
+    """A UID as a file name; anything that is not a UID character is replaced."""
+    cleaned = "".join(c if c.isdigit() or c == "." else "_" for c in uid.strip())
+    return cleaned[:128] or "unknown"
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    state: str
+    study_uid: str
+    series_uid: str
+    calling_ae: str
+    calling_address: str
+    attempts: int
+    send_attempts: int
+    lease_until: float
+    not_before: float
+    created: float
+    updated: float
+    reason: str
+    result: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["result"] = json.loads(data["result"] or "{}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class IncomingSeries:
+    study_uid: str
+    series_uid: str
+    path: Path
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.study_uid, self.series_uid)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for name in ("tmp", "incoming", "jobs", "done", "failed", "quarantine"):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "jobs.sqlite"
+        self._incoming_lock = threading.Lock()  # SCP threads vs the series scheduler
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    # --- database --------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- receive ---------------------------------------------------------------------------------
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / "incoming" / safe_name(study_uid) / safe_name(series_uid)
+
+    def accept_instance(
+        self, received: Path, *, study_uid: str, series_uid: str, sop_uid: str, calling_ae: str, address: str
+    ) -> Path:
+        """fsync a fully received file and rename it into ``incoming/``; returns its final path.
+
+        Only after this returns may the SCP answer 0x0000."""
+        fsync_file(received)
+        with self._incoming_lock:
+            folder = self.series_dir(study_uid, series_uid)
+            new_folder = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            dest = folder / f"{safe_name(sop_uid)}.dcm"
+            try:
+                os.replace(received, dest)
+            except OSError as exc:  # different file system: copy, fsync, then rename
+                if exc.errno != 18:  # EXDEV
+                    raise
+                tmp = folder / f".{dest.name}.tmp"
+                shutil.copyfile(received, tmp)
+                fsync_file(tmp)
+                os.replace(tmp, dest)
+            source = folder / "source.json"
+            if not source.exists():
+                write_atomic(source, json.dumps({"calling_ae": calling_ae, "address": address}).encode())
+            fsync_dir(folder)
+            if new_folder:
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
+        return dest
+
+    def quarantine(self, received: Path, *, reason: str, calling_ae: str, address: str) -> Path:
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        dest = self.root / "quarantine" / f"{name}.dcm"
+        fsync_file(received)
+        try:
+            os.replace(received, dest)
+        except OSError:
+            shutil.copyfile(received, dest)
+        write_atomic(
+            dest.with_suffix(".reason.json"),
+            json.dumps({"reason": reason, "calling_ae": calling_ae, "address": address, "time": time.time()}).encode(),
+        )
+        return dest
+
+    def incoming_series(self) -> list[IncomingSeries]:
+        out = []
+        for study in sorted((self.root / "incoming").iterdir()):
+            if study.is_dir():
+                out += [IncomingSeries(study.name, s.name, s) for s in sorted(study.iterdir()) if s.is_dir()]
+        return out
+
+    @staticmethod
+    def last_arrival(series: IncomingSeries) -> float:
+        """Newest file time in a series folder (used after a restart, when no tracker state exists)."""
+        times = [p.stat().st_mtime for p in series.path.glob("*.dcm")]
+        return max(times, default=series.path.stat().st_mtime)
+
+    # --- jobs ------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str, state: str | None = None) -> Path:
+        if state is None:
+            state = self.get(job_id).state
+        base = {"done": "done", "failed": "failed"}.get(state, "jobs")
+        return self.root / base / job_id
+
+    def create_job(self, series: IncomingSeries) -> str | None:
+        """Move a complete series into a new job folder and record it as ``ready``."""
+        job_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        job = self.root / "jobs" / job_id
+        with self._incoming_lock:
+            if not series.path.is_dir() or not any(series.path.glob("*.dcm")):
+                shutil.rmtree(series.path, ignore_errors=True)
+                return None
+            job.mkdir()
+            os.replace(series.path, job / "in")
+            fsync_dir(job)
+            fsync_dir(series.path.parent)
+            try:
+                series.path.parent.rmdir()  # the study folder, when it was the last series
+            except OSError:
+                pass
+        self._insert_job(job_id, job)
+        return job_id
+
+    def _insert_job(self, job_id: str, job: Path) -> None:
+        source = {}
+        if (job / "in" / "source.json").is_file():
+            source = json.loads((job / "in" / "source.json").read_text())
+        study_uid, series_uid = _uids_of(job / "in")
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, state, study_uid, series_uid, calling_ae, calling_address,"
+                " created, updated) VALUES (?, 'ready', ?, ?, ?, ?, ?, ?)",
+                (job_id, study_uid, series_uid, source.get("calling_ae", ""), source.get("address", ""), now, now),
+            )
+
+    def get(self, job_id: str) -> Job:
+        row = self._conn().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id!r} in {self.db_path}")
+        return Job.from_row(row)
+
+    def jobs(self, state: str | None = None) -> list[Job]:
+        if state is None:
+            rows = self._conn().execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM jobs WHERE state = ? ORDER BY created", (state,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        counts = {s: 0 for s in STATES}
+        counts.update({r[0]: r[1] for r in rows})
+        counts["incoming_series"] = len(self.incoming_series())
+        counts["quarantined"] = len(list((self.root / "quarantine").glob("*.dcm")))
+        return counts
+
+    def claim(self, *, stage: str, lease_s: float, max_attempts: int) -> Job | None:
+        """Take the oldest job due for ``stage`` ("process" or "send"), or one whose lease expired.
+
+        A job whose worker died is taken again; past ``max_attempts`` it goes to ``failed``."""
+        waiting, active, counter = (
+            ("ready", "running", "attempts") if stage == "process" else ("outgoing", "sending", "send_attempts")
+        )
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT * FROM jobs WHERE (state = ? AND not_before <= ?) OR (state = ? AND lease_until < ?)"
+                f" ORDER BY created LIMIT 1",
+                (waiting, now, active, now),
+            ).fetchone()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            if stage == "process" and job.attempts >= max_attempts:
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', reason = ?, updated = ? WHERE job_id = ?",
+                    (job.reason or f"processing did not finish in {job.attempts} attempts (worker lost)", now, job.job_id),
+                )
+                failed = True
+            else:
+                db.execute(
+                    f"UPDATE jobs SET state = ?, lease_until = ?, {counter} = {counter} + 1, updated = ?"
+                    " WHERE job_id = ?",
+                    (active, now + lease_s, now, job.job_id),
+                )
+                failed = False
+        if failed:
+            self._move(job.job_id, "failed")
+            self._write_reason(job.job_id)
+            return self.claim(stage=stage, lease_s=lease_s, max_attempts=max_attempts)
+        return self.get(job.job_id)
+
+    def _set(self, job_id: str, **values: Any) -> None:
+        values["updated"] = time.time()
+        if "result" in values:
+            values["result"] = json.dumps(values["result"])
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*values.values(), job_id))
+
+    def finish_processing(self, job_id: str, result: dict[str, Any], *, has_output: bool) -> None:
+        """Processing succeeded: ``outgoing`` when there is something to send, else ``done``."""
+        write_atomic(self.job_dir(job_id, "running") / "result.json", json.dumps(result, indent=2).encode())
+        if has_output:
+            self._set(job_id, state="outgoing", result=result, lease_until=0, not_before=0, reason="")
+        else:
+            self._set(job_id, state="done", result=result, lease_until=0, reason="")
+            self._move(job_id, "done")
+
+    def fail_attempt(self, job_id: str, *, stage: str, reason: str, max_attempts: int, backoff_s: float) -> str:
+        """Record a failed attempt; returns the new state (back to waiting with backoff, or failed)."""
+        job = self.get(job_id)
+        attempts = job.attempts if stage == "process" else job.send_attempts
+        waiting = "ready" if stage == "process" else "outgoing"
+        if attempts >= max_attempts:
+            self._set(job_id, state="failed", reason=reason, lease_until=0)
+            self._move(job_id, "failed")
+            self._write_reason(job_id)
+            return "failed"
+        delay = backoff_s * (2 ** (attempts - 1))
+        self._set(job_id, state=waiting, reason=reason, lease_until=0, not_before=time.time() + delay)
+        return waiting
+
+    def finish_sending(self, job_id: str, result: dict[str, Any]) -> None:
+        job = self.get(job_id)
+        merged = {**job.result, "send": result}
+        write_atomic(self.job_dir(job_id, "sending") / "result.json", json.dumps(merged, indent=2).encode())
+        self._set(job_id, state="done", result=merged, lease_until=0, reason="")
+        self._move(job_id, "done")
+
+    def retry(self, job_id: str) -> str:
+        """Put a failed job back: to ``outgoing`` if its outputs were made, else to ``ready``."""
+        job = self.get(job_id)
+        if job.state != "failed":
+            raise ValueError(f"job {job_id} is {job.state}, not failed; only failed jobs can be retried")
+        src = self.root / "failed" / job_id
+        dest = self.root / "jobs" / job_id
+        if src.is_dir():
+            os.replace(src, dest)
+            fsync_dir(dest.parent)
+        state = "outgoing" if job.result.get("processed") and (dest / "out").is_dir() else "ready"
+        self._set(job_id, state=state, attempts=0, send_attempts=0, not_before=0, lease_until=0)
+        return state
+
+    def _move(self, job_id: str, state: str) -> None:
+        src = self.root / "jobs" / job_id
+        if src.is_dir():
+            dest = self.root / state / job_id
+            os.replace(src, dest)
+            fsync_dir(dest.parent)
+            fsync_dir(src.parent)
+
+    def _write_reason(self, job_id: str) -> None:
+        job = self.get(job_id)
+        path = self.root / "failed" / job_id
+        if path.is_dir():
+            data = {"job_id": job_id, "reason": job.reason, "attempts": job.attempts,
+                    "send_attempts": job.send_attempts, "time": time.time()}
+            write_atomic(path / "reason.json", json.dumps(data, indent=2).encode())
+
+    def recover(self) -> dict[str, int]:
+        """After a crash: register job folders that have no row, finish interrupted folder moves,
+        and clear stale temporary files. Expired leases are taken again by :meth:`claim`."""
+        fixed = {"registered": 0, "moved": 0, "tmp_removed": 0}
+        known = {j.job_id: j for j in self.jobs()}
+        for folder in sorted((self.root / "jobs").iterdir()):
+            if not folder.is_dir():
+                continue
+            job = known.get(folder.name)
+            if job is None:
+                if (folder / "in").is_dir():
+                    self._insert_job(folder.name, folder)
+                    fixed["registered"] += 1
+            elif job.state in ("done", "failed"):
+                self._move(job.job_id, job.state)
+                fixed["moved"] += 1
+        for tmp in (self.root / "tmp").iterdir():
+            tmp.unlink(missing_ok=True) if tmp.is_file() else shutil.rmtree(tmp, ignore_errors=True)
+            fixed["tmp_removed"] += 1
+        return fixed
+
+    def purge_done(self, older_than_s: float) -> int:
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for job in self.jobs("done"):
+            if job.updated < cutoff:
+                shutil.rmtree(self.root / "done" / job.job_id, ignore_errors=True)
+                with self._tx() as db:
+                    db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
+                removed += 1
+        return removed
+
+
+def _uids_of(folder: Path) -> tuple[str, str]:
+    """Study and series UIDs of a job folder, from the first instance's header."""
+    import pydicom
+
+    for path in sorted(folder.glob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the worker
+            continue
+    return folder.parent.name, folder.name

@@ -1,0 +1,165 @@
+"""The processing step and the worker process that runs it.
+
+``process_job(job_id, spool, engine)`` is the one pure-ish step every runner calls (the embedded
+worker process here, or a Celery task): read ``jobs/<job>/in``, check each instance, derive the
+super-resolved Secondary Capture into ``jobs/<job>/out``, and return a result record. Outputs
+already present (a resumed job) are not recomputed: their UIDs are deterministic.
+
+``worker_main`` is the body of a child process: it loads the model once, then claims jobs from
+the spool's table until told to stop (SIGTERM finishes the current job first).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from cxr_sr_node import __version__
+from cxr_sr_node.config import NodeConfig
+from cxr_sr_node.derive import DeriveError, ModelInfo, NodeInfo, derive, derived_uid, write_dataset
+from cxr_sr_node.eligibility import check
+from cxr_sr_node.logs import configure_logging, get_logger
+from cxr_sr_node.spool import Spool, safe_name
+
+log = get_logger("cxr_sr_node.worker")
+
+
+@dataclass
+class Engine:
+    """What a worker holds for its lifetime: the loaded model and the derive settings."""
+
+    upscale: Any  # model.inference.Upscaler (a callable float32 HxW -> 4Hx4W)
+    model: ModelInfo
+    node: NodeInfo
+    max_output_px: int
+    require_body_part: bool
+
+    @classmethod
+    def load(cls, config: NodeConfig) -> Engine:
+        from model.inference import Upscaler, load_generator  # the only torch import of the node
+
+        loaded = load_generator(config.checkpoint, config.device)
+        upscaler = Upscaler(loaded, tile=config.tile, overlap=config.overlap)
+        card = loaded.card
+        return cls(
+            upscale=upscaler,
+            model=ModelInfo(name=card.name, version=card.version, sha256=card.sha256, tile=config.tile,
+                            overlap=config.overlap),
+            node=NodeInfo(device_uid=config.device_uid, node_version=__version__,
+                          station_name=config.station_name, institution_name=config.institution_name),
+            max_output_px=config.max_output_px,
+            require_body_part=config.require_body_part,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one input file: ``derived`` (with the dataset) or ``skipped`` (with a rule)."""
+
+    kind: str  # "derived" | "skipped"
+    sop_instance_uid: str = ""
+    rule: str = ""
+    reason: str = ""
+    dataset: pydicom.Dataset | None = None
+
+
+def derive_file(path: Path, engine: Engine, *, dataset: pydicom.Dataset | None = None) -> Outcome:
+    """Read, check and derive one file. Inputs that are not eligible or cannot be derived are
+    ``skipped`` with the rule and reason; anything else unexpected raises."""
+    try:
+        ds = dataset if dataset is not None else pydicom.dcmread(path, force=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable input is skipped with its reason
+        return Outcome("skipped", rule="readable", reason=f"cannot read {path.name}: {exc}")
+    sop_uid = str(ds.get("SOPInstanceUID", ""))
+    verdict = check(ds, require_body_part=engine.require_body_part, own_device_uid=engine.node.device_uid, decode=True)
+    if not verdict.eligible:
+        return Outcome("skipped", sop_uid, verdict.rule, verdict.reason)
+    try:
+        derived = derive(ds, engine.upscale, model=engine.model, node=engine.node, max_output_px=engine.max_output_px)
+    except DeriveError as exc:
+        return Outcome("skipped", sop_uid, "derive", str(exc))
+    return Outcome("derived", sop_uid, dataset=derived)
+
+
+def process_files(files: list[Path], out_dir: Path, engine: Engine) -> dict[str, Any]:
+    """Derive each file into ``out_dir/<derived SOP UID>.dcm``; outputs already there are kept."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    processed, skipped = [], []
+    for path in files:
+        started = time.perf_counter()
+        try:
+            header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            out_uid = derived_uid("sop", str(header.SOPInstanceUID), engine.model.sha256, engine.node.node_version)
+        except Exception:  # noqa: BLE001 - derive_file reports why
+            out_uid = ""
+        out_path = out_dir / f"{safe_name(out_uid)}.dcm"
+        if not (out_uid and out_path.exists()):
+            outcome = derive_file(path, engine)
+            if outcome.kind == "skipped":
+                skipped.append({"sop_instance_uid": outcome.sop_instance_uid, "rule": outcome.rule, "reason": outcome.reason})
+                log.info("instance.skipped", sop_instance_uid=outcome.sop_instance_uid, rule=outcome.rule,
+                         reason=outcome.reason)
+                continue
+            out_uid = str(outcome.dataset.SOPInstanceUID)
+            out_path = out_dir / f"{safe_name(out_uid)}.dcm"
+            write_dataset(outcome.dataset, out_path)
+        elapsed = time.perf_counter() - started
+        processed.append({"derived_sop_instance_uid": out_uid, "file": out_path.name, "elapsed_s": round(elapsed, 3)})
+        log.info("instance.derived", derived_sop_instance_uid=out_uid, elapsed_s=round(elapsed, 3),
+                 model_sha256=engine.model.sha256[:12])
+    return {"processed": processed, "skipped": skipped}
+
+
+def process_job(job_id: str, spool: Spool, engine: Engine) -> dict[str, Any]:
+    job_dir = spool.job_dir(job_id)
+    started = time.perf_counter()
+    result = process_files(sorted((job_dir / "in").glob("*.dcm")), job_dir / "out", engine)
+    result.update(job_id=job_id, model=engine.model.name, model_sha256=engine.model.sha256,
+                  elapsed_s=round(time.perf_counter() - started, 3))
+    return result
+
+
+def run_one(spool: Spool, engine: Engine, config: NodeConfig) -> bool:
+    """Claim and process one job; returns False when there was nothing to do."""
+    job = spool.claim(stage="process", lease_s=config.lease_s, max_attempts=config.max_attempts)
+    if job is None:
+        return False
+    log.info("job.started", job_id=job.job_id, series_instance_uid=job.series_uid, attempt=job.attempts)
+    try:
+        result = process_job(job.job_id, spool, engine)
+    except Exception as exc:  # noqa: BLE001 - recorded on the job; retried, then dead-lettered
+        reason = f"{type(exc).__name__}: {exc}"
+        state = spool.fail_attempt(job.job_id, stage="process", reason=reason, max_attempts=config.max_attempts,
+                                   backoff_s=config.send_backoff_s)
+        log.error("job.failed", job_id=job.job_id, reason=reason, state=state)
+        return True
+    spool.finish_processing(job.job_id, result, has_output=bool(result["processed"]))
+    log.info("job.finished", job_id=job.job_id, series_instance_uid=job.series_uid,
+             processed=len(result["processed"]), skipped=len(result["skipped"]), elapsed_s=result["elapsed_s"],
+             model_sha256=engine.model.sha256[:12])
+    return True
+
+
+def worker_main(config: NodeConfig, ready: Any = None, poll_s: float = 0.5) -> None:
+    """Child-process entry point (multiprocessing 'spawn')."""
+    configure_logging(config.log_level, json=config.log_json)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    spool = Spool(config.spool)
+    engine = Engine.load(config)
+    log.info("worker.started", pid=os.getpid(), model=engine.model.name, model_sha256=engine.model.sha256[:12],
+             device=str(getattr(engine.upscale, "device", "cpu")))
+    if ready is not None:
+        ready.set()
+    while not stop.is_set():
+        if not run_one(spool, engine, config):
+            stop.wait(poll_s)
+    log.info("worker.stopped", pid=os.getpid())

@@ -1,0 +1,81 @@
+"""Config merging: defaults < TOML < CXRSR_* environment < flags; bad values name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from cxr_sr_node.config import AllowRule, ConfigError, NodeConfig, Peer, load_config
+
+
+def test_defaults_without_anything():
+    cfg = load_config(environ={})
+    assert cfg == NodeConfig(device_uid=cfg.device_uid)
+    assert cfg.ae_title == "CXRSR" and cfg.port == 11112 and cfg.series_idle_s == 5.0
+    assert cfg.device_uid.startswith("2.25.")
+
+
+def test_precedence_toml_env_flags(tmp_path: Path):
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        'ae_title = "FROMTOML"\nport = 2000\nseries_idle_s = 1.5\ndest = "PACS@pacs.example:4242"\n'
+        'allow = ["MODALITY", "ORTHANC@127.0.0.1"]\n[peers]\nORTHANC = "127.0.0.1:4242"\n'
+    )
+    cfg = load_config(toml_path=toml, environ={"CXRSR_PORT": "3000", "CXRSR_SERIES_IDLE_S": "2"},
+                      flags={"port": 4000, "ae_title": None})
+    assert cfg.ae_title == "FROMTOML"  # a flag left unset does not override
+    assert cfg.port == 4000  # flag beats environment beats TOML
+    assert cfg.series_idle_s == 2.0  # environment beats TOML
+    assert cfg.dest == Peer("PACS", "pacs.example", 4242)
+    assert cfg.allow == (AllowRule("MODALITY"), AllowRule("ORTHANC", "127.0.0.1"))
+    assert cfg.peers == {"ORTHANC": Peer("ORTHANC", "127.0.0.1", 4242)}
+
+
+def test_node_table_and_env_config_path(tmp_path: Path):
+    toml = tmp_path / "n.toml"
+    toml.write_text("[node]\nport = 5000\nreturn_to_sender = true\n")
+    cfg = load_config(environ={"CXRSR_CONFIG": str(toml)})
+    assert cfg.port == 5000 and cfg.return_to_sender is True
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "message"),
+    [
+        ({"CXRSR_PORT": "eleven"}, {}, "port (from environment): expected int, got 'eleven'"),
+        ({}, {"port": 70000}, "port: must be a TCP port"),
+        ({}, {"dest": "ORTHANC@pacs"}, "dest (from command line): expected AE@HOST:PORT"),
+        ({}, {"ae_title": "WAY_TOO_LONG_AE_TITLE"}, "ae_title: AE title must be 1-16"),
+        ({"CXRSR_SERIES_IDLE_S": "-1"}, {}, "series_idle_s: must be >= 0"),
+        ({"CXRSR_DEVICE": "tpu"}, {}, "device: expected auto, cpu or cuda"),
+        ({"CXRSR_RETURN_TO_SENDER": "maybe"}, {}, "return_to_sender (from environment): expected bool"),
+        ({"CXRSR_NO_SUCH_KEY": "1"}, {}, "no_such_key (from environment): unknown setting"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(environ, flags, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=environ, flags=flags)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_toml_names_the_file(tmp_path: Path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("port = \n")
+    with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
+        load_config(toml_path=toml, environ={})
+    toml.write_text('port = "x"\n')
+    with pytest.raises(ConfigError, match=r"port \(from .*bad.toml\): expected int"):
+        load_config(toml_path=toml, environ={})
+
+
+def test_config_is_frozen():
+    cfg = load_config(environ={})
+    with pytest.raises(AttributeError):
+        cfg.port = 1  # type: ignore[misc]
+
+
+def test_allow_rule_host_pinning():
+    rule = AllowRule.parse("MODALITY@127.0.0.1")
+    assert rule.matches("MODALITY", "127.0.0.1")
+    assert not rule.matches("MODALITY", "10.0.0.9")
+    assert not rule.matches("OTHER", "127.0.0.1")
+    assert AllowRule.parse("ANY").matches("ANY", "10.1.2.3")

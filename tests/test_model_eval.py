@@ -1,0 +1,203 @@
+"""``model eval``: the evaluation run, its files, the SSIM pin and LPIPS, on small real chest crops."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from model import inference
+from model.arch import ArchConfig, Generator
+from model.checkpoint import ModelCard, save_checkpoint
+from model.cli import model_group
+from model.data import load_gray
+from model.eval.lpips import AlexFeatures, GrayLpips, LpipsError
+from model.eval.metrics import ssim
+from model.eval.report import SEPARATOR_PX
+from model.eval.run import evaluate, method_names
+
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "nih"
+TINY = ArchConfig(num_blocks=1, num_feat=8, num_grow=4, global_skip=True)
+CROP = 256  # HR side of the test images: real chest X-ray crops, fast to score
+
+pytestmark = pytest.mark.timeout(120)
+
+if not (NIH / "test").is_dir():
+    pytest.skip(f"the shared chest X-ray data is not at {NIH}", allow_module_level=True)
+
+
+def tiny_checkpoint(path: Path, *, name: str = "tiny", residual: float = 0.0) -> Path:
+    """A 1-block generator with a global bicubic skip; ``residual=0`` makes it exactly bicubic."""
+    torch.manual_seed(0)
+    net = Generator(TINY)
+    if residual:
+        torch.nn.init.constant_(net.conv_last.bias, residual)
+    save_checkpoint(path, net, ModelCard(name=name, version="0", arch=TINY))
+    return path
+
+
+def _centre(img: np.ndarray, size: int) -> np.ndarray:
+    y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return img[y : y + size, x : x + size]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A split folder (train/val/test) of 256² centre crops of real NIH test images, 8-bit PNG."""
+    root = tmp_path_factory.mktemp("cxr")
+    sources = sorted((NIH / "test").glob("*.png"))[:3]
+    for split in ("train", "val", "test"):
+        (root / split).mkdir()
+    for src in sources:
+        with Image.open(src) as img:
+            Image.fromarray(_centre(np.asarray(img.convert("L")), CROP)).save(root / "test" / src.name)
+    Image.fromarray(np.zeros((CROP, CROP), np.uint8)).save(root / "train" / "00000001_000.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def lpips_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Random-weight stand-ins with the real files' layouts (torchvision AlexNet; lpips alex.pth)."""
+    folder = tmp_path_factory.mktemp("lpips")
+    torch.manual_seed(1)
+    backbone = {**AlexFeatures().state_dict(), "classifier.1.weight": torch.zeros(4096, 9216)}
+    torch.save(backbone, folder / "alexnet.pth")
+    linear = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(linear, folder / "alex.pth")
+    return folder / "alexnet.pth", folder / "alex.pth"
+
+
+def test_zero_residual_checkpoint_equals_bicubic_and_files_have_their_shape(data, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "eval"
+    metrics = evaluate([ckpt], data, out=out, tile=32, overlap=4)
+
+    assert set(metrics) == {"degradation", "images", "split", "data", "methods"}
+    assert (metrics["degradation"], metrics["images"], metrics["split"]) == ("paper", 3, "test")
+    assert metrics["data"] == str(data.resolve())
+    assert list(metrics["methods"]) == ["bicubic", "tiny"]
+    bicubic, tiny = metrics["methods"]["bicubic"], metrics["methods"]["tiny"]
+    assert set(bicubic) == {"psnr_db", "ssim", "lpips", "hf_ratio", "s_per_image"}
+    assert set(tiny) == set(bicubic) | {"checkpoint", "sha256", "parameters"}
+    assert tiny["checkpoint"] == str(ckpt.resolve()) and len(tiny["sha256"]) == 64
+    assert tiny["parameters"] == sum(p.numel() for p in Generator(TINY).parameters())
+    assert tiny["psnr_db"] == pytest.approx(bicubic["psnr_db"], abs=1e-6)
+    assert tiny["ssim"] == pytest.approx(bicubic["ssim"], abs=1e-9)
+    assert 25 < bicubic["psnr_db"] < 60 and 0.5 < bicubic["ssim"] < 1
+    assert bicubic["lpips"] is None and tiny["lpips"] is None  # no LPIPS files: null, not a number
+    assert bicubic["s_per_image"] > 0 and tiny["s_per_image"] > 0
+
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "method", "psnr_db", "ssim", "lpips", "hf_ratio", "s"]
+    assert len(rows) == 3 * 2 and {r["method"] for r in rows} == {"bicubic", "tiny"}
+    assert all(r["lpips"] == "" for r in rows)
+    for name in {r["image"] for r in rows}:
+        a, b = (float(r["psnr_db"]) for r in rows if r["image"] == name)
+        assert a == pytest.approx(b, abs=1e-6)
+
+    crops = sorted((out / "crops").glob("*.png"))
+    assert [c.name for c in crops] == sorted({r["image"] for r in rows})
+    with Image.open(crops[0]) as img:  # LR | bicubic | tiny | HR
+        assert img.mode == "L" and img.size == (4 * 128 + 3 * SEPARATOR_PX, 128)
+        panel = np.asarray(img)
+    assert (panel[:, 128 : 128 + SEPARATOR_PX] == 255).all()
+    assert np.array_equal(panel[:, 130:258], panel[:, 260:388])  # zero residual: SR crop == bicubic crop
+
+    report = (out / "report.md").read_text()
+    assert "| method | PSNR (dB) | ΔPSNR (dB) | SSIM | ΔSSIM | LPIPS |" in report
+    assert "| tiny |" in report and "LPIPS: not computed" in report
+
+
+def test_cli_eval_names_checkpoints_that_share_a_card_name(data, tmp_path):
+    a = tiny_checkpoint(tmp_path / "a.safetensors")
+    b = tiny_checkpoint(tmp_path / "b.safetensors", residual=0.02)  # a constant offset: worse PSNR
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", str(a), "--checkpoint", str(b), "--data", str(data), "--limit", "1",
+            "--out", str(out), "--crops", "1", "--no-progress", "--tile", "64"]
+    result = CliRunner().invoke(model_group, args)
+    assert result.exit_code == 0, result.output
+    assert "| tiny (a) |" in result.stdout and "| tiny (b) |" in result.stdout
+    methods = json.loads((out / "metrics.json").read_text())["methods"]
+    assert list(methods) == ["bicubic", "tiny (a)", "tiny (b)"]
+    assert methods["tiny (b)"]["psnr_db"] < methods["tiny (a)"]["psnr_db"] - 1
+    with Image.open(next((out / "crops").glob("*.png"))) as img:
+        assert img.size == (5 * 128 + 4 * SEPARATOR_PX, 128)
+
+
+def test_method_names_fall_back_to_folders_when_stems_match():
+    cards = [(Path("/r/a/best.safetensors"), "m"), (Path("/r/b/best.safetensors"), "m"),
+             (Path("/r/c.safetensors"), "other"), (Path("/r/bicubic.safetensors"), "bicubic")]
+    assert method_names(cards) == ["m (a/best)", "m (b/best)", "other", "bicubic (bicubic)"]
+
+
+def test_eval_without_default_checkpoint_says_so(data, tmp_path, monkeypatch):
+    missing = tmp_path / "weights" / "cxr-sr-cpu.safetensors"
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", missing)
+    result = CliRunner().invoke(model_group, ["eval", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "default checkpoint" in result.output and str(missing) in result.output
+    assert "does not exist" in result.output and "--checkpoint" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_lowdose_degradation_scores_bicubic_lower_than_paper(data, tmp_path):
+    flat = tmp_path / "flat"  # a folder without split subfolders: every image is evaluated
+    flat.mkdir()
+    for src in sorted((data / "test").glob("*.png"))[:2]:
+        (flat / src.name).write_bytes(src.read_bytes())
+    paper = evaluate([], flat, degradation="paper")
+    lowdose = evaluate([], flat, degradation="lowdose")
+    assert paper["split"] == "all" and paper["images"] == 2 and list(paper["methods"]) == ["bicubic"]
+    assert lowdose["degradation"] == "lowdose"
+    assert lowdose["methods"]["bicubic"]["psnr_db"] < paper["methods"]["bicubic"]["psnr_db"] - 1
+    again = evaluate([], flat, degradation="lowdose")  # seeded per image: the same noise every run
+    assert again["methods"]["bicubic"]["psnr_db"] == lowdose["methods"]["bicubic"]["psnr_db"]
+
+
+def test_ssim_agrees_with_pytorch_msssim_on_a_chest_crop():
+    from pytorch_msssim import ssim as torch_ssim
+
+    hr = _centre(load_gray(sorted((NIH / "test").glob("*.png"))[0]), 256).astype(np.float64)
+    blurred = gaussian_filter(hr, 1.5)
+    border = 4  # metrics.ssim crops 4 px; pytorch-msssim averages over the valid 11×11 positions,
+    ours = ssim(blurred, hr, border=border)  # as skimage does, so the same pixels count
+    a, b = (torch.from_numpy(x[border:-border, border:-border]).float()[None, None] for x in (blurred, hr))
+    reference = float(torch_ssim(a, b, data_range=1.0, win_size=11, win_sigma=1.5, K=(0.01, 0.03)))
+    assert 0.5 < ours < 0.99
+    assert ours == pytest.approx(reference, abs=1e-4)
+    assert ssim(hr, hr) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_lpips_from_files(lpips_files, data, tmp_path):
+    metric = GrayLpips(backbone=lpips_files[0], linear=lpips_files[1])
+    hr = load_gray(sorted((data / "test").glob("*.png"))[0])
+    assert metric(hr, hr) == 0.0
+    d = metric(gaussian_filter(hr, 2.0), hr)
+    assert math.isfinite(d) and d > 0
+
+    metrics = evaluate([], data, limit=1, lpips_files=lpips_files, out=tmp_path / "o", crops=0)
+    assert math.isfinite(metrics["methods"]["bicubic"]["lpips"]) and metrics["methods"]["bicubic"]["lpips"] > 0
+    assert "LPIPS: AlexNet v0.1" in (tmp_path / "o" / "report.md").read_text()
+
+    with pytest.raises(LpipsError, match="lacks tensor 'features.0.weight'"):
+        GrayLpips(backbone=lpips_files[1], linear=lpips_files[1])
+    with pytest.raises(LpipsError, match="lacks tensor 'lin0.model.1.weight'"):
+        GrayLpips(backbone=lpips_files[0], linear=lpips_files[0])
+    with pytest.raises(LpipsError, match="does not exist"):
+        GrayLpips(backbone=tmp_path / "nope.pth", linear=lpips_files[1])
+
+
+def test_cli_lpips_options_go_together(data, lpips_files, tmp_path):
+    args = ["eval", "--bicubic-only", "--data", str(data), "--lpips-backbone", str(lpips_files[0])]
+    result = CliRunner().invoke(model_group, args)
+    assert result.exit_code == 2 and "--lpips-backbone and --lpips-linear go together" in result.output

@@ -1,0 +1,141 @@
+"""The spool's folder + SQLite state machine, without the network."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr_sr_node.spool import Spool
+
+CHEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "chest"
+
+
+def receive(spool: Spool, tmp_path: Path, src: Path = CHEST / "test1.dcm", calling_ae: str = "MODALITY") -> Path:
+    """Simulate a received file: a copy in tmp/, accepted into incoming/."""
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    staged = spool.tmp_dir / f"rx-{time.monotonic_ns()}.dcm"
+    shutil.copyfile(src, staged)
+    return spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                                 sop_uid=ds.SOPInstanceUID, calling_ae=calling_ae, address="127.0.0.1")
+
+
+def make_job(spool: Spool, tmp_path: Path) -> str:
+    receive(spool, tmp_path)
+    (series,) = spool.incoming_series()
+    return spool.create_job(series)
+
+
+def test_accept_moves_file_into_incoming_with_source(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    dest = receive(spool, tmp_path)
+    ds = pydicom.dcmread(CHEST / "test1.dcm", stop_before_pixels=True)
+    assert dest == spool.series_dir(ds.StudyInstanceUID, ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    assert dest.read_bytes() == (CHEST / "test1.dcm").read_bytes()
+    assert json.loads((dest.parent / "source.json").read_text()) == {"calling_ae": "MODALITY", "address": "127.0.0.1"}
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_job_lifecycle_process_send_done(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    assert spool.incoming_series() == []
+    job = spool.get(job_id)
+    assert job.state == "ready" and job.calling_ae == "MODALITY"
+    assert job.series_uid == str(pydicom.dcmread(CHEST / "test1.dcm").SeriesInstanceUID)
+    assert (spool.root / "jobs" / job_id / "in").is_dir()
+
+    claimed = spool.claim(stage="process", lease_s=60, max_attempts=3)
+    assert claimed.job_id == job_id and claimed.state == "running" and claimed.attempts == 1
+    assert spool.claim(stage="process", lease_s=60, max_attempts=3) is None  # leased
+    spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True)
+    assert spool.get(job_id).state == "outgoing"
+
+    sending = spool.claim(stage="send", lease_s=60, max_attempts=4)
+    assert sending.state == "sending" and sending.send_attempts == 1
+    spool.finish_sending(job_id, {"peer": "X", "sent": 1})
+    assert spool.get(job_id).state == "done"
+    assert (spool.root / "done" / job_id / "in").is_dir()
+    assert json.loads((spool.root / "done" / job_id / "result.json").read_text())["send"]["sent"] == 1
+
+
+def test_nothing_to_send_goes_straight_to_done(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    spool.claim(stage="process", lease_s=60, max_attempts=3)
+    spool.finish_processing(job_id, {"processed": [], "skipped": [{"rule": "modality"}]}, has_output=False)
+    assert spool.get(job_id).state == "done"
+    assert spool.claim(stage="send", lease_s=60, max_attempts=3) is None
+
+
+def test_expired_lease_is_taken_again_then_dead_lettered(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    for attempt in (1, 2):
+        job = spool.claim(stage="process", lease_s=0.0, max_attempts=2)  # worker "dies" at once
+        assert job.job_id == job_id and job.attempts == attempt
+        time.sleep(0.01)
+    assert spool.claim(stage="process", lease_s=0.0, max_attempts=2) is None
+    job = spool.get(job_id)
+    assert job.state == "failed" and "2 attempts" in job.reason
+    reason = json.loads((spool.root / "failed" / job_id / "reason.json").read_text())
+    assert reason["job_id"] == job_id and "worker lost" in reason["reason"]
+
+
+def test_send_failures_back_off_then_fail_and_retry_requeues(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    spool.claim(stage="process", lease_s=60, max_attempts=3)
+    (spool.root / "jobs" / job_id / "out").mkdir()
+    spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True)
+
+    spool.claim(stage="send", lease_s=60, max_attempts=2)
+    state = spool.fail_attempt(job_id, stage="send", reason="PACS: association rejected", max_attempts=2, backoff_s=30)
+    assert state == "outgoing"
+    assert spool.get(job_id).not_before > time.time() + 20  # backing off
+    assert spool.claim(stage="send", lease_s=60, max_attempts=2) is None
+
+    with spool._tx() as db:  # let the backoff pass
+        db.execute("UPDATE jobs SET not_before = 0")
+    spool.claim(stage="send", lease_s=60, max_attempts=2)
+    assert spool.fail_attempt(job_id, stage="send", reason="PACS: 0xA700", max_attempts=2, backoff_s=30) == "failed"
+    assert (spool.root / "failed" / job_id / "reason.json").is_file()
+    assert spool.get(job_id).reason == "PACS: 0xA700"
+
+    assert spool.retry(job_id) == "outgoing"  # output exists: only sending is repeated
+    job = spool.get(job_id)
+    assert job.send_attempts == 0 and (spool.root / "jobs" / job_id / "out").is_dir()
+    with pytest.raises(ValueError, match="not failed"):
+        spool.retry(job_id)
+
+
+def test_recover_registers_orphan_folders_and_finishes_moves(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    done_id = make_job(spool, tmp_path)
+    spool.claim(stage="process", lease_s=60, max_attempts=3)
+    spool.finish_processing(done_id, {"processed": [], "skipped": []}, has_output=False)
+    # crash between the row update and the folder move:
+    (spool.root / "done" / done_id).rename(spool.root / "jobs" / done_id)
+    # crash between moving a series into a job folder and inserting its row:
+    receive(spool, tmp_path, CHEST / "test2.dcm")
+    (series,) = spool.incoming_series()
+    orphan = spool.root / "jobs" / "orphan-job"
+    orphan.mkdir()
+    series.path.rename(orphan / "in")
+    (spool.tmp_dir / "partial.dcm").write_bytes(b"half a file")
+
+    fixed = Spool(spool.root).recover()
+    assert fixed == {"registered": 1, "moved": 1, "tmp_removed": 1}
+    assert (spool.root / "done" / done_id).is_dir()
+    assert spool.get("orphan-job").state == "ready"
+    assert spool.get("orphan-job").series_uid == str(pydicom.dcmread(CHEST / "test2.dcm").SeriesInstanceUID)
+
+
+def test_counts(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    make_job(spool, tmp_path)
+    receive(spool, tmp_path, CHEST / "test2.dcm")
+    counts = spool.counts()
+    assert counts["ready"] == 1 and counts["incoming_series"] == 1 and counts["failed"] == 0
