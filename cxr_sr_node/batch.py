@@ -75,7 +75,8 @@ def run_batch(in_dir: Path, out_dir: Path, config: NodeConfig, *, recursive: boo
             summary.skipped["not_dicom"] += 1
             log.info("instance.skipped", file=path.name, rule="not_dicom")
             continue
-        verdict = check(header, require_body_part=config.require_body_part, own_device_uid=config.device_uid, decode=False)
+        verdict = check(header, require_body_part=config.require_body_part, own_device_uid=config.device_uid,
+                        header_only=True)
         if not verdict.eligible:  # header rules first: no pixel decoding, no model for these
             summary.skipped[verdict.rule] += 1
             log.info("instance.skipped", sop_instance_uid=str(header.get("SOPInstanceUID", "")), rule=verdict.rule,

@@ -117,7 +117,7 @@ class NodeConfig:
     tile: int = 256
     overlap: int = 16
     max_output_px: int = 4096
-    workers: int = 1
+    workers: int = 1  # worker processes (one per GPU); 0 = receive only, jobs wait for workers elsewhere
     # identity and operations
     device_uid: str = field(default_factory=default_device_uid)
     station_name: str = ""
@@ -132,11 +132,11 @@ class NodeConfig:
             v = getattr(self, key)
             if not 0 <= v < 65536 or (key == "port" and v == 0):
                 raise ConfigError(f"{key}: must be a TCP port 1-65535, got {v}")
-        positive = ("max_associations", "max_attempts", "tile", "max_output_px", "workers", "max_instance_mb")
+        positive = ("max_associations", "max_attempts", "tile", "max_output_px", "max_instance_mb")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        non_negative = ("series_idle_s", "series_max_wait_s", "send_retries", "send_backoff_s",
+        non_negative = ("workers", "series_idle_s", "series_max_wait_s", "send_retries", "send_backoff_s",
                         "overlap", "min_free_disk_mb", "max_pdu", "keep_done_days", "lease_s")
         for key in non_negative:
             if getattr(self, key) < 0:

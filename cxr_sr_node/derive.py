@@ -56,13 +56,12 @@ from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     JPEG2000MC,
-    UID,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
 )
-from pydicom.valuerep import DS
+from pydicom.valuerep import DA, DS, TM
 
 from cxr_sr_node import __version__, eligibility, pixels
 from cxr_sr_node.eligibility import SERIES_MARKER
@@ -71,6 +70,8 @@ UID_NAMESPACE = uuid.UUID("7902b83a-5afd-5d65-bd0b-4390d866e8d9")  # uuid5(NAMES
 UID_KINDS = ("series", "sop")
 SUPPORTED_SCALE = 4  # the CSAEGAN model's scale, and the "x4" in SERIES_MARKER
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+UID_MAX_CHARS = 64
 SHA256_PREFIX_CHARS = 12
 
 IMAGE_TYPE = ["DERIVED", "SECONDARY", "SUPER_RESOLUTION"]
@@ -185,7 +186,7 @@ class NodeInfo:
     institution_name: str = ""
 
     def __post_init__(self) -> None:
-        if not UID(self.device_uid).is_valid:
+        if len(self.device_uid) > UID_MAX_CHARS or not UID_PATTERN.fullmatch(self.device_uid):
             raise ValueError(f"NodeInfo.device_uid must be a valid DICOM UID (<= 64 chars, digits and dots); got {self.device_uid!r}")
         if not self.node_version or not self.manufacturer:
             raise ValueError("NodeInfo needs a node_version and a manufacturer")
@@ -237,12 +238,13 @@ def derive(
     """Super-resolve ``source`` and return the derived Secondary Capture image.
 
     ``upscale`` gets the (H, W) float32 image in [0, 1] (bone bright) and must return the
-    (scale*H, scale*W) float image in [0, 1]. Raises :class:`DeriveError` for a source that
-    cannot be derived or an ``upscale`` result of the wrong shape or with non-finite values.
+    (scale*H, scale*W) float image in [0, 1]. ``now`` fixes the clock (ContentDate/Time,
+    ContributionDateTime). Raises :class:`DeriveError` for a source that cannot be derived or an
+    ``upscale`` result of the wrong shape or with non-finite values.
     """
     _check_source(source)
     now = now or datetime.datetime.now()
-    unit, mapping = pixels.to_unit(source)
+    unit, mapping = _to_unit(source)
     sr = _super_resolve(upscale, unit, model.scale)
     sr, resample_rows, resample_cols = pixels.resample_to_fit(sr, max_output_px)
     out_pixels = pixels.from_unit(sr, mapping)  # (H', W') uint16, MONOCHROME2
@@ -257,7 +259,9 @@ def derive(
             _set_provenance(out, source, model, node, now, description)
             _set_pixel_description(out, source, mapping, row_ratio, col_ratio)
         _check_round_trip(out)
-    except (ValueError, TypeError) as exc:
+    except DeriveError:
+        raise
+    except (ValueError, TypeError) as exc:  # a value that strict writing refuses
         raise DeriveError(f"cannot build the derived image for SOPInstanceUID {source.SOPInstanceUID}: {exc}") from exc
     return out
 
@@ -292,11 +296,31 @@ def _required(source: Dataset, keyword: str) -> Any:
 
 
 def _check_source(source: Dataset) -> None:
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "BitsStored"):
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "BitsStored"):
         _required(source, keyword)
     verdict = eligibility.check(source, rules=eligibility.PIXEL_RULES)
     if not verdict.eligible:
         raise DeriveError(f"cannot derive: {verdict.reason}")
+
+
+def _to_unit(source: Dataset) -> tuple[np.ndarray, pixels.PixelMapping]:
+    """pixels.to_unit, with decoder errors and out-of-range values as DeriveError.
+
+    The output stores modality values unsigned in [0, 2**BitsStored - 1] (see pixels); a source
+    whose robust range lies outside that (signed data, a Rescale Intercept below zero) would be
+    clipped, so it is refused rather than silently changed.
+    """
+    try:
+        unit, mapping = pixels.to_unit(source)
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        raise DeriveError(f"cannot decode and map the Pixel Data: {type(exc).__name__}: {exc}") from exc
+    if mapping.low < 0 or mapping.high > mapping.out_max:
+        raise DeriveError(
+            f"modality values (after RescaleSlope/RescaleIntercept or the Modality LUT) span "
+            f"[{mapping.low:.6g}, {mapping.high:.6g}], outside 0-{mapping.out_max} of BitsStored "
+            f"{mapping.bits_stored}; the unsigned output cannot hold them without clipping"
+        )
+    return unit, mapping
 
 
 def _super_resolve(upscale: Callable[[np.ndarray], np.ndarray], unit: np.ndarray, scale: int) -> np.ndarray:
@@ -353,9 +377,11 @@ def _secondary_capture(source: Dataset, out_pixels: np.ndarray, model: ModelInfo
         _copy(source, out, keyword)
     if "SpecificCharacterSet" in source:
         out.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
+    out.InstanceCreationDate = out.DateOfSecondaryCapture = DA(now.date())  # one clock for the object
+    out.InstanceCreationTime = out.TimeOfSecondaryCapture = TM(now.time())
     out.PatientOrientation = None  # Type 2: empty unless the source has one
     _copy(source, out, "PatientOrientation")
-    out.Modality = _required(source, "Modality")
+    out.Modality = source.Modality  # SC allows any modality; the series then lists with the source
     out.ImageType = IMAGE_TYPE
     out.ConversionType = CONVERSION_TYPE_WORKSTATION
     out.SecondaryCaptureDeviceID = node.device_uid

@@ -8,7 +8,7 @@ instead of raising, so the SCP can never crash on an odd header.
 Decisions where DESIGN is silent:
 
 - Rule order: ``own_output`` first (for our own output the loop guard is the one reason an
-  operator needs), then modality, body_part, pixel_data, samples_per_pixel, photometric,
+  operator needs), then modality, body_part, position, pixel_data, samples_per_pixel, photometric,
   single_frame, decodable. ``pixel_data`` comes before the Image Pixel rules so a CR/DX header
   without pixels is reported as such, not as a missing SamplesPerPixel.
 - Modality: CR, DX, and the retired DR (still written by older digital radiography units).
@@ -17,10 +17,17 @@ Decisions where DESIGN is silent:
 - Body part: BodyPartExamined CHEST (case-insensitive). When it is absent or empty, the
   AnatomicRegionSequence (Type 1 in the DX Anatomy Imaged module) decides if present: SNOMED
   "Chest" 43799004 / "Thorax" 51185008 or the legacy SRT T-D3000. When neither is present the
-  image is eligible unless ``require_body_part`` is True.
-- PatientPosition and ViewPosition are not criteria: super-resolution does not depend on the
-  view, and PatientPosition is a CT/MR attribute that some CR/DX writers misuse for the view
-  (Udacity's test6.dcm carries the invalid value "XX" and is processed).
+  descriptions decide: a Study / Series / Protocol / Requested Procedure description that names
+  non-chest anatomy as a whole word (a Body Part Examined defined term such as KNEE, HAND,
+  SKULL, or a common word such as TEETH, DENTAL, TIBIA) makes the image ineligible, so a dental
+  CR without BodyPartExamined (CR-ModalitySequenceLUT.dcm, "MODALITYLUT - TEETH") is skipped,
+  while a chest DX without it ("No Finding") is processed. A description that also names the
+  chest (CHEST, THORAX, LUNG, CXR) wins. With no anatomy anywhere the image is eligible unless
+  ``require_body_part`` is True.
+- Position: which view it is does not matter (PA, AP, lateral are all processed), but a
+  PatientPosition or ViewPosition that is neither a DICOM patient-position term (HFS, FFS, …) nor
+  a radiographic view term (PA, AP, LL, RL, LAT, …) marks a mislabelled header, and the image is
+  skipped with the value named (Udacity's test6.dcm, PatientPosition "XX"). Absent is fine.
 - ``decodable`` without ``decode=True`` is a header check: a Transfer Syntax known (or implied by
   the encoding of a headerless file), a pydicom decoder with its plugin installed, and Pixel Data
   encapsulated exactly when the syntax is compressed (native data of the expected length
@@ -34,6 +41,7 @@ Decisions where DESIGN is silent:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -51,6 +59,24 @@ ACCEPTED_MODALITIES = ("CR", "DX", "DR")
 ACCEPTED_BODY_PARTS = ("CHEST",)
 CHEST_REGION_CODES = frozenset({("SCT", "43799004"), ("SCT", "51185008"), ("SRT", "T-D3000")})
 ACCEPTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+# PatientPosition defined terms (PS3.3 C.7.3.1.1.2) and radiographic view terms (ViewPosition,
+# PS3.3 C.8.11.5.1.1 and CID 4010 short forms) that CR/DX writers put in either attribute.
+KNOWN_POSITIONS = frozenset({
+    "HFP", "HFS", "HFDR", "HFDL", "HFV", "HFI", "FFDR", "FFDL", "FFP", "FFS", "FFV", "FFI",
+    "LFP", "LFS", "RFP", "RFS", "AFDR", "AFDL", "PFDR", "PFDL", "SITTING",
+    "PA", "AP", "LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO", "LPO", "RPO", "LAO", "RAO",
+    "AP SUPINE", "AP ERECT", "PA ERECT", "ERECT", "SUPINE", "DECUBITUS", "OBLIQUE", "LORDOTIC",
+})
+# Free-text fallback when BodyPartExamined and AnatomicRegionSequence are both absent.
+DESCRIPTION_KEYWORDS = ("SeriesDescription", "StudyDescription", "ProtocolName", "RequestedProcedureDescription")
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "CXR", "THX"})
+NON_CHEST_WORDS = frozenset({
+    "SKULL", "HEAD", "BRAIN", "FACE", "SINUS", "SINUSES", "JAW", "MANDIBLE", "TMJ", "TEETH", "TOOTH",
+    "DENTAL", "PANORAMIC", "NECK", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "SPINE", "COCCYX", "SACRUM",
+    "PELVIS", "HIP", "HIPS", "ABDOMEN", "KUB", "SHOULDER", "HUMERUS", "ELBOW", "FOREARM", "WRIST",
+    "HAND", "FINGER", "FEMUR", "KNEE", "TIBIA", "FIBULA", "ANKLE", "FOOT", "TOE", "EXTREMITY",
+    "ARM", "LEG", "BREAST", "MAMMO", "MAMMOGRAPHY",
+})
 ELIGIBLE = "eligible"
 
 # First bytes of the first fragment of each compressed family: a cheap header-level check that
@@ -154,6 +180,19 @@ def _found(ds: Dataset, keyword: str) -> str:
     return f"{keyword} is {value!r}" if value else f"{keyword} is absent"
 
 
+def _description_anatomy(ds: Dataset) -> tuple[str, str] | None:
+    """(keyword, word) of the first description naming non-chest anatomy, unless one names the chest."""
+    found = None
+    for keyword in DESCRIPTION_KEYWORDS:
+        words = set(re.findall(r"[A-Z]+", _text(ds, keyword)))
+        if words & CHEST_WORDS:
+            return None
+        hit = sorted(words & NON_CHEST_WORDS)
+        if hit and found is None:
+            found = (keyword, hit[0])
+    return found
+
+
 def _is_chest(ds: Dataset, opts: _Options) -> bool:
     body_part = _text(ds, "BodyPartExamined")
     if body_part:
@@ -162,6 +201,8 @@ def _is_chest(ds: Dataset, opts: _Options) -> bool:
     if regions:
         item = regions[0]
         return (_text(item, "CodingSchemeDesignator"), _text(item, "CodeValue")) in CHEST_REGION_CODES
+    if _description_anatomy(ds) is not None:
+        return False
     return not opts.require_body_part
 
 
@@ -174,7 +215,19 @@ def _body_part_reason(ds: Dataset, opts: _Options) -> str:
         item = regions[0]
         code = f"({item.get('CodeValue', '')}, {item.get('CodingSchemeDesignator', '')}, {item.get('CodeMeaning', '')!r})"
         return f"AnatomicRegionSequence is {code}; only chest is processed"
+    described = _description_anatomy(ds)
+    if described is not None:
+        return f"BodyPartExamined is absent and {described[0]} names {described[1]}; {expected}"
     return f"BodyPartExamined is absent and require_body_part is on; {expected}"
+
+
+def _bad_position(ds: Dataset) -> str | None:
+    """'PatientPosition is …' when a position attribute holds a value that is no known term."""
+    for keyword in ("ViewPosition", "PatientPosition"):
+        value = _text(ds, keyword)
+        if value and value not in KNOWN_POSITIONS:
+            return f"{keyword} is {value!r}"
+    return None
 
 
 def _number_of_frames(ds: Dataset) -> int:
@@ -235,6 +288,12 @@ RULES: tuple[Rule, ...] = (
         lambda ds, o: f"{_found(ds, 'Modality')}; only {', '.join(ACCEPTED_MODALITIES)} are processed",
     ),
     Rule("body_part", _is_chest, _body_part_reason),
+    Rule(
+        "position",
+        lambda ds, o: _bad_position(ds) is None,
+        lambda ds, o: f"{_bad_position(ds)}; expected a view (PA, AP, LL, RL, …) or a patient position "
+        "(HFS, FFS, …) — the header looks mislabelled",
+    ),
     Rule(
         "pixel_data",
         lambda ds, o: o.header_only or "PixelData" in ds,

@@ -27,7 +27,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -51,7 +51,7 @@ TRANSFER_SYNTAXES = [
     RLELossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -161,6 +161,7 @@ class StorageSCP:
         # pynetdicom writes chunked receives with NamedTemporaryFile: put them on the spool's file
         # system, so accepting one is a rename, not a copy. This process is the node; nothing else
         # in it relies on the default temporary folder.
+        self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.spool.tmp_dir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         self.server = self.ae.start_server(
@@ -176,7 +177,8 @@ class StorageSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-        log.info("scp.stopped")
+            tempfile.tempdir = self._previous_tempdir
+            log.info("scp.stopped")
 
     # --- handlers --------------------------------------------------------------------------------
     def _allowed(self, ae_title: str, address: str) -> bool:
@@ -188,6 +190,7 @@ class StorageSCP:
         if not self._allowed(calling, rq.address):
             log.warning("association.rejected", calling_ae=calling, address=rq.address, reason="calling AE not allowed")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognised
+            event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is on the wire, as pynetdicom's own checks do
 
     def handle_established(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
@@ -249,7 +252,7 @@ class StorageSCP:
         fields.update(series_instance_uid=uids["SeriesInstanceUID"], study_instance_uid=uids["StudyInstanceUID"],
                       sop_instance_uid=uids["SOPInstanceUID"])
         if self.config.reject_ineligible and not eligibility.is_own_output(header, self.config.device_uid):
-            verdict = eligibility.check(header, require_body_part=self.config.require_body_part,
+            verdict = eligibility.check(header, require_body_part=self.config.require_body_part, header_only=True,
                                         own_device_uid=self.config.device_uid, decode=False)
             if not verdict.eligible:
                 fields.update(rule=verdict.rule, reason=verdict.reason)

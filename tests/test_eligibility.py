@@ -17,19 +17,17 @@ require_data()
 
 OWN_DEVICE_UID = "1.2.826.0.1.3680043.8.498.77"
 
-# What each file in other/ must give with the default settings. Two files are eligible by
-# decision, not by accident:
-# - test6.dcm: a chest DX whose only defect is PatientPosition "XX"; PatientPosition is not an
-#   eligibility criterion (DESIGN §3) and super-resolution does not depend on the view.
-# - CR-ModalitySequenceLUT.dcm: a dental CR with neither BodyPartExamined nor AnatomicRegionSequence;
-#   nothing in its header says "not chest", so only require_body_part=True refuses it.
+# What each file in other/ must give with the default settings: every one is skipped, with the
+# reason the data README predicts.
+# - test6.dcm: a chest DX whose PatientPosition is "XX", neither a view nor a patient position.
+# - CR-ModalitySequenceLUT.dcm: a dental CR without BodyPartExamined whose descriptions say TEETH.
 EXPECTED_OTHER = {
     "test4.dcm": "body_part",  # BodyPartExamined RIBCAGE
     "test5.dcm": "modality",  # CT
-    "test6.dcm": "eligible",
+    "test6.dcm": "position",  # PatientPosition XX
     "RG3_J2KR.dcm": "body_part",  # EXTREMITY
     "RG3_J2KI.dcm": "body_part",
-    "CR-ModalitySequenceLUT.dcm": "eligible",
+    "CR-ModalitySequenceLUT.dcm": "body_part",  # descriptions name TEETH
     "6154": "body_part",  # CSPINE
     "CT_small.dcm": "modality",
     "MR_small.dcm": "modality",
@@ -44,7 +42,7 @@ EXPECTED_OTHER = {
     "test-SR.dcm": "modality",  # SR document, no pixels
     "genFile.dcm": "modality",  # no Modality, undecodable pixels
 }
-EXPECTED_WITH_REQUIRED_BODY_PART = {"CR-ModalitySequenceLUT.dcm": "body_part", "test6.dcm": "eligible"}
+EXPECTED_WITH_REQUIRED_BODY_PART = {"CR-ModalitySequenceLUT.dcm": "body_part", "test6.dcm": "position"}
 
 
 def test_the_tables_cover_every_shared_file():
@@ -88,7 +86,7 @@ def test_reasons_name_what_was_found_and_what_is_expected():
 
 def test_the_rule_ids_are_the_documented_ones():
     assert [rule.id for rule in RULES] == [
-        "own_output", "modality", "body_part", "pixel_data", "samples_per_pixel", "photometric",
+        "own_output", "modality", "body_part", "position", "pixel_data", "samples_per_pixel", "photometric",
         "single_frame", "decodable",
     ]
 
@@ -212,3 +210,22 @@ def test_rules_subset():
     assert check(ds, rules=("pixel_data", "decodable")).eligible
     with pytest.raises(ValueError, match="unknown eligibility rule"):
         check(ds, rules=("no_such_rule",))
+
+
+def test_description_names_anatomy_only_when_body_part_is_absent():
+    ds = chest("test1.dcm").copy()
+    del ds.BodyPartExamined
+    ds.SeriesDescription = "HAND PA"
+    assert check(ds).rule == "body_part"
+    assert "SeriesDescription names HAND" in check(ds).reason
+    ds.SeriesDescription = "CHEST PA"  # names the chest: eligible
+    assert check(ds).eligible
+    ds.SeriesDescription = "Handheld portable"  # whole words only: HAND is not in HANDHELD
+    assert check(ds).eligible
+
+
+@pytest.mark.parametrize("value", ["PA", "AP", "LL", "HFS", ""])
+def test_known_positions_pass(value):
+    ds = chest("test1.dcm").copy()
+    ds.PatientPosition = value
+    assert check(ds).eligible

@@ -323,7 +323,7 @@ def format_bench(result: dict[str, Any]) -> str:
         ratio = "—" if r["ratio_vs_bicubic"] is None else f"{r['ratio_vs_bicubic']:.1f}"
         lines.append(
             f"| {r['lr_px']} | {r['sr_px']} | {r['method']} | {r['precision']} | {r['runs']} | "
-            f"{r['s_per_image']:.4f} | {ratio} | {r['peak_mem_mib']:.1f} |"
+            f"{r['s_per_image']:.4g} | {ratio} | {r['peak_mem_mib']:.1f} |"
         )
     lines += ["", f"peak MiB: {memory}.", f"note: {result['reference']}."]
     return "\n".join(lines)

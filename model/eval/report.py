@@ -23,7 +23,7 @@ def _fmt(value: float | None, digits: int, *, signed: bool = False) -> str:
 
 
 def _fmt_time(seconds: float) -> str:
-    return f"{seconds:.4f}" if seconds < 0.1 else f"{seconds:.3f}"
+    return f"{seconds:.4g}"
 
 
 def report_table(metrics: dict[str, Any]) -> str:

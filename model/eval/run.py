@@ -82,6 +82,8 @@ class EvalConfig:
         if self.split is not None and self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (or None), got {self.split!r}")
         Degradation.named(self.degradation)  # raises, naming the valid choices
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for every image), got {self.limit}")
         if self.tile < 8 or self.overlap < 0:
@@ -113,7 +115,7 @@ class _Method:
 def select_images(data: Path, split: str | None) -> tuple[list[Path], str, str]:
     """(files, split label, how they were chosen)."""
     if not data.is_dir():
-        raise FileNotFoundError(f"--data {data} is not a folder")
+        raise FileNotFoundError(f"data folder {data} does not exist or is not a folder")
     if all((data / s).is_dir() for s in SPLITS):
         split = split or "test"
         return split_files(data, split), split, f"the `{split}/` subfolder"

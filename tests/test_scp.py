@@ -1,0 +1,221 @@
+"""The SCP against real dcmtk SCUs: echo, store to disk, allow-list, bad input, statuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+from cxr_sr_node import statuses
+from cxr_sr_node.config import load_config
+from cxr_sr_node.scp import SeriesTracker, StorageSCP
+from cxr_sr_node.spool import Spool
+from tests.peers import PeerMissing, echoscu, free_port, require_binary, storescu, wait_until
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+
+
+@pytest.fixture(autouse=True)
+def _need_dcmtk():
+    try:
+        require_binary("storescu", "dcmtk")
+    except PeerMissing as exc:
+        pytest.skip(str(exc))
+
+
+@contextmanager
+def running_scp(tmp_path: Path, **settings) -> Iterator[StorageSCP]:
+    cfg = load_config(environ={}, flags={"port": free_port(), "bind_address": "127.0.0.1",
+                                         "spool": tmp_path / "spool", "min_free_disk_mb": 1, **settings})
+    scp = StorageSCP(cfg, Spool(cfg.spool), SeriesTracker())
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+def incoming_files(scp: StorageSCP) -> list[Path]:
+    return sorted((scp.spool.root / "incoming").rglob("*.dcm"))
+
+
+def test_echo(tmp_path):
+    with running_scp(tmp_path) as scp:
+        result = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="CXRSR")
+    assert result.returncode == 0, result.stderr
+
+
+def test_store_writes_identical_dataset_before_answering(tmp_path):
+    src = DATA / "chest" / "test1.dcm"
+    with running_scp(tmp_path) as scp:
+        result = storescu("127.0.0.1", scp.port, [src], calling_ae="MODALITY", called_ae="CXRSR")
+        assert result.returncode == 0, result.stderr
+        (stored,) = incoming_files(scp)  # present as soon as storescu has its answer
+    a, b = pydicom.dcmread(src), pydicom.dcmread(stored)
+    assert b.SOPInstanceUID == a.SOPInstanceUID and b.PixelData == a.PixelData
+    assert b.PatientID == a.PatientID
+    assert json.loads((stored.parent / "source.json").read_text())["calling_ae"] == "MODALITY"
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+def send_as_is(port: int, path: Path, calling_ae: str = "MODALITY") -> int:
+    """C-STORE a file in its own transfer syntax (so compressed data stays compressed)."""
+    ds = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # a bare data set: implicit VR LE
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ts = ds.file_meta.TransferSyntaxUID
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(ds.SOPClassUID, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRSR")
+    if not assoc.is_established:
+        return -1  # no presentation context accepted
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    return int(status.Status)
+
+
+def test_every_shared_file_is_received_in_its_own_transfer_syntax(tmp_path):
+    """Every real file, compressed or not, chest or not, is stored with 0x0000 (what to process
+    is decided later, by the worker), including the headerless CR; genFile.dcm's private SOP Class
+    is not a storage class we offer, so its association is refused at negotiation."""
+    files = sorted((DATA / "chest").iterdir()) + sorted((DATA / "other").iterdir())
+    with running_scp(tmp_path) as scp:
+        results = {f.name: send_as_is(scp.port, f) for f in files}
+        stored = incoming_files(scp)
+    assert results.pop("genFile.dcm") == -1
+    assert results == {name: statuses.SUCCESS for name in results}
+    # several sample files reuse one SOP Instance UID (test1-6, the MR_small variants): a re-sent
+    # instance replaces the earlier copy, as DICOM expects
+    unique = {(str(d.StudyInstanceUID), str(d.SeriesInstanceUID), str(d.SOPInstanceUID))
+              for d in (pydicom.dcmread(f, force=True, stop_before_pixels=True) for f in files if f.name != "genFile.dcm")}
+    assert len(stored) == len(unique)
+    src = pydicom.dcmread(DATA / "chest" / "RG1_J2KI.dcm")
+    (rx,) = [p for p in stored if p.stem == src.SOPInstanceUID]
+    rx = pydicom.dcmread(rx)
+    assert rx.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID  # JPEG 2000 kept as sent
+    assert rx.PixelData == src.PixelData
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path):
+    with running_scp(tmp_path, allow=("MODALITY@127.0.0.1",)) as scp:
+        bad = storescu("127.0.0.1", scp.port, [DATA / "chest" / "test1.dcm"], calling_ae="STRANGER", called_ae="CXRSR")
+        good = storescu("127.0.0.1", scp.port, [DATA / "chest" / "test1.dcm"], calling_ae="MODALITY", called_ae="CXRSR")
+        stored = incoming_files(scp)
+    assert bad.returncode != 0
+    assert "rejected" in (bad.stdout + bad.stderr).lower() and "calling ae" in (bad.stdout + bad.stderr).lower()
+    assert good.returncode == 0, good.stderr
+    assert len(stored) == 1
+
+
+def test_wrong_called_ae_is_rejected(tmp_path):
+    with running_scp(tmp_path) as scp:
+        result = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="NOTCXRSR")
+    assert result.returncode != 0
+
+
+def _raw_store(port: int, payload: bytes, sop_class: str, sop_uid: str) -> int:
+    """Send bytes as the data set of a C-STORE (a malformed data set, as a broken SCU would)."""
+    from pynetdicom import _config
+
+    path = Path(f"/tmp/raw-{sop_uid}.dcm")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    from pydicom.filewriter import write_file_meta_info
+
+    with open(path, "wb") as f:
+        f.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(f, meta)
+        f.write(payload)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXRSR")
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+        return int(status.Status)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        path.unlink()
+
+
+def test_malformed_dataset_gets_failure_status_is_quarantined_and_scp_keeps_serving(tmp_path):
+    sop_class = DigitalXRayImageStorageForPresentation
+    # a sequence of undefined length whose "item" is not an Item tag: not parseable
+    truncated = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\x12\x34\x56\x78\x10\x00\x00\x00abcd"
+    with running_scp(tmp_path) as scp:
+        status = _raw_store(scp.port, truncated, sop_class, generate_uid())
+        quarantined = sorted((scp.spool.root / "quarantine").glob("*.dcm"))
+        # still serving:
+        ok = storescu("127.0.0.1", scp.port, [DATA / "chest" / "test2.dcm"], calling_ae="MODALITY", called_ae="CXRSR")
+        stored = incoming_files(scp)
+    assert status == statuses.CANNOT_UNDERSTAND
+    assert len(quarantined) == 1
+    reason = json.loads(quarantined[0].with_suffix(".reason.json").read_text())
+    assert "cannot be parsed" in reason["reason"] and reason["calling_ae"] == "MODALITY"
+    assert ok.returncode == 0 and len(stored) == 1
+
+
+def test_dataset_without_uids_is_refused_and_quarantined(tmp_path):
+    ds = pydicom.Dataset()
+    ds.PatientID = "X"
+    ds.Modality = "DX"
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True)  # no Study/Series/SOP Instance UIDs
+    with running_scp(tmp_path) as scp:
+        status = _raw_store(scp.port, buf.getvalue(), DigitalXRayImageStorageForPresentation, generate_uid())
+        quarantined = sorted((scp.spool.root / "quarantine").glob("*.dcm"))
+    assert status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert len(quarantined) == 1
+    assert "lacks StudyInstanceUID" in quarantined[0].with_suffix(".reason.json").read_text()
+
+
+def test_reject_ineligible_refuses_with_named_status(tmp_path):
+    with running_scp(tmp_path, reject_ineligible=True) as scp:
+        ct = send_as_is(scp.port, DATA / "other" / "test5.dcm")
+        knee = send_as_is(scp.port, DATA / "other" / "RG3_J2KR.dcm")
+        chest = send_as_is(scp.port, DATA / "chest" / "test1.dcm")
+        stored = incoming_files(scp)
+    assert ct == knee == statuses.INELIGIBLE_REFUSED
+    assert chest == statuses.SUCCESS and len(stored) == 1
+
+
+def test_free_disk_floor_refuses_with_out_of_resources(tmp_path):
+    free_mb = shutil.disk_usage(tmp_path).free // 2**20
+    with running_scp(tmp_path, min_free_disk_mb=free_mb + 10_000_000) as scp:
+        status = send_as_is(scp.port, DATA / "chest" / "test1.dcm")
+        stored = incoming_files(scp)
+    assert status == statuses.OUT_OF_RESOURCES
+    assert stored == []
+
+
+def test_series_tracker_completes_after_release_and_idle():
+    tracker = SeriesTracker()
+    key = ("1.2", "1.2.3")
+    tracker.arrived(key, assoc_id=1)
+    assert not tracker.is_complete(key, idle_s=0.0, max_wait_s=60, fallback_age_s=0)  # association open
+    tracker.association_ended(1)
+    assert not tracker.is_complete(key, idle_s=0.5, max_wait_s=60, fallback_age_s=0)  # not idle yet
+    wait_until(lambda: tracker.is_complete(key, idle_s=0.2, max_wait_s=60, fallback_age_s=0), 5, "idle series")
+    tracker.arrived(("1.2", "9"), assoc_id=2)
+    time.sleep(0.05)
+    assert tracker.is_complete(("1.2", "9"), idle_s=100, max_wait_s=0.01, fallback_age_s=0)  # max wait
+    assert tracker.is_complete(("1.2", "unknown"), idle_s=5, max_wait_s=60, fallback_age_s=6)  # after restart
