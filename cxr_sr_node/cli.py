@@ -159,26 +159,42 @@ def bench() -> None:
 
 
 @bench.command("receive")
-@click.option("--count", type=int, default=100, help="Instances to send [100].")
-@click.option("--size-mib", type=float, default=8.0, help="Size of each instance [8].")
-@click.option("--json", "as_json", is_flag=True)
-def bench_receive(count: int, size_mib: float, as_json: bool) -> None:
+@click.option("--count", type=click.IntRange(min=1), default=100, show_default=True, help="Instances to send.")
+@click.option("--size-mib", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Pixel data per instance.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Transfers per receiver (the median is reported).")
+@click.option("--max-pdu", type=click.IntRange(4096, 131072), default=131072, show_default=True,
+              help="Max PDU of every receiver and of storescu (dcmtk accepts 4096..131072).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (includes the table).")
+def bench_receive(count: int, size_mib: float, rounds: int, max_pdu: int, as_json: bool) -> None:
     """Receive throughput and RSS of the node's SCP vs dcmtk's storescp on the same files."""
-    from cxr_sr_node.bench import receive_benchmark
+    from cxr_sr_node.bench import BenchError, receive_benchmark
 
-    result = receive_benchmark(count=count, size_mib=size_mib)
+    try:
+        result = receive_benchmark(count=count, size_mib=size_mib, rounds=rounds, max_pdu=max_pdu)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
 @bench.command("pipeline")
-@click.option("--images", type=int, default=3, help="Chest images to send [3].")
+@click.option("--images", type=click.IntRange(min=1), default=3, show_default=True, help="Chest images to send.")
 @checkpoint_option
-@click.option("--json", "as_json", is_flag=True)
-def bench_pipeline(images: int, checkpoint: Path | None, as_json: bool) -> None:
+@click.option("--series-idle-s", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="The node's series_idle_s.")
+@click.option("--no-forward-reference", is_flag=True, help="Skip timing the model alone in this process.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (includes the table).")
+def bench_pipeline(images: int, checkpoint: Path | None, series_idle_s: float, no_forward_reference: bool,
+                   as_json: bool) -> None:
     """End-to-end round trip per image: storescu -> node -> super-resolve -> storescp."""
-    from cxr_sr_node.bench import pipeline_benchmark
+    from cxr_sr_node.bench import BenchError, pipeline_benchmark
 
-    result = pipeline_benchmark(images=images, checkpoint=checkpoint)
+    try:
+        result = pipeline_benchmark(images=images, checkpoint=checkpoint, series_idle_s=series_idle_s,
+                                    forward_reference=not no_forward_reference)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 

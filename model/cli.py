@@ -206,6 +206,52 @@ def bench_cmd(
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
+@model_group.command("train-features")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Weights file; its JSON card goes beside it. Default: the package's model/weights/cxr-features.safetensors.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("../shared/data/cxr_png/nih"), show_default=True,
+              help="Image folder; its train split is trained on, its val split scored.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Stop after N iterations (default: the time budget alone).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Training-loop budget in minutes (default 7 when --iterations is not given).")
+@click.option("--crop", type=click.IntRange(min=16), default=128, show_default=True, help="HR crop side, px (multiple of 8).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads (1 leaves a core to other work).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/cxr-features/log.jsonl"),
+              show_default=True, help="JSONL loss log.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_features_cmd(
+    out: Path | None, data: Path, iterations: int | None, minutes: float | None, crop: int, batch_size: int,
+    threads: int, seed: int, log: Path, no_progress: bool,
+) -> None:
+    """Train the chest X-ray feature network for the perceptual loss (perceptual = "cxr_features")."""
+    import torch
+
+    from model.train.features import FeatureTrainConfig, train_features
+
+    torch.set_num_threads(threads)
+    if iterations is None and minutes is None:
+        minutes = FeatureTrainConfig.minutes
+    try:
+        config = FeatureTrainConfig(
+            data_root=data, log=log, iterations=iterations, minutes=minutes, crop=crop, batch_size=batch_size,
+            seed=seed, progress=not no_progress, **({"out": out} if out else {}),
+        )
+        card = train_features(config)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    val = card["metrics"]["val"]
+    click.echo(
+        f"wrote {config.out} (sha256 {card['sha256'][:12]}…) after {card['training']['iterations']} iterations; "
+        f"val reconstruction PSNR {val['noisy']['recon_psnr_db']} dB from noisy input, "
+        f"{val['bicubic_lr']['recon_psnr_db']} dB from bicubic LR"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     model_group.main(args=argv)
 

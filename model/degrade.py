@@ -37,11 +37,16 @@ class Degradation:
     def __post_init__(self) -> None:
         if self.name not in ("paper", "lowdose"):
             raise ValueError(f"degradation name must be 'paper' or 'lowdose', got {self.name!r}")
-        if self.blur_sigma < 0 or self.dose_scale <= 0 or self.read_noise < 0:
-            raise ValueError(
-                "blur_sigma and read_noise must be >= 0 and dose_scale > 0, got "
-                f"{self.blur_sigma}, {self.read_noise}, {self.dose_scale}"
-            )
+        for key, ok, expected in (
+            ("blur_sigma", self.blur_sigma >= 0, ">= 0"),
+            ("dose_scale", self.dose_scale > 0, "> 0"),
+            ("read_noise", self.read_noise >= 0, ">= 0"),
+        ):
+            if not ok:  # also catches NaN
+                raise ValueError(f"{key} must be {expected}, got {getattr(self, key)!r}")
+        levels = self.quantize_levels
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+            raise ValueError(f"quantize_levels must be a positive integer, got {levels!r}")
         if self.scale != SCALE:
             raise ValueError(f"scale must be {SCALE}, got {self.scale}")
 

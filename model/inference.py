@@ -4,7 +4,7 @@
 into tiles of ``tile`` LR pixels, each run with ``overlap`` pixels of context on every side and
 only its centre kept, so the result equals the untiled one (within 1e-3 once the overlap covers the
 network's effective receptive field) and working memory is bounded by the tile, not the image.
-On CUDA it runs under bf16/fp16 autocast with channels_last; an out-of-memory error restarts the
+Convolutions run channels_last (much faster on CPU too); on CUDA under bf16/fp16 autocast; an out-of-memory error restarts the
 image with half the tile, down to ``min_tile``, and never keeps a tile from the failed attempt.
 The ``csa_pooled`` ablation pools over the whole input, so its tiled output depends on the tile.
 """
@@ -59,9 +59,8 @@ def load_generator(path: str | Path | None = None, device: str | torch.device = 
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     dev = resolve_device(device)
     net, card = load_checkpoint(path)
-    net = net.to(dev).eval()
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    # channels_last: 2-4x faster convolutions on CPU (oneDNN) and the tensor-core layout on CUDA
+    net = net.to(dev, memory_format=torch.channels_last).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return LoadedGenerator(net=net, card=card, device=dev, path=path)
@@ -132,8 +131,7 @@ class Upscaler:
                 tile //= 2  # restart the whole image: nothing from the failed pass is kept
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # (1, 1, h, w) -> (1, 1, 4h, 4w)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         ):

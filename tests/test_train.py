@@ -1,0 +1,244 @@
+"""``model.train``: a tiny two-stage run on CPU, its files, resume, the GAN stage, config and CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from model.checkpoint import load_checkpoint, read_card
+from model.cli import model_group
+from model.train.config import load_config
+from model.train.loop import Trainer, train
+
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "nih"
+REPO = Path(__file__).resolve().parents[1]
+CROP = 256
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny nets gain nothing from threads, and on a busy 2-core machine OpenMP threads contend
+    (seconds instead of milliseconds); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """train/val/test folders of 256² centre crops of real NIH images (3 / 2 / 2), 8-bit PNG."""
+    if not (NIH / "train").is_dir():
+        pytest.skip(f"shared chest X-ray data not at {NIH}")
+    root = tmp_path_factory.mktemp("cxr")
+    for split, count in (("train", 3), ("val", 2), ("test", 2)):
+        (root / split).mkdir()
+        for src in sorted((NIH / split).glob("*.png"))[:count]:
+            with Image.open(src) as img:
+                w, h = img.size
+                left, top = (w - CROP) // 2, (h - CROP) // 2
+                img.convert("L").crop((left, top, left + CROP, top + CROP)).save(root / split / src.name)
+    return root
+
+
+def write_config(path: Path, data_root: Path, out_dir: Path, *, psnr: dict | None = None, gan: dict | None = None,
+                 extra: str = "") -> Path:
+    def table(name: str, values: dict) -> str:
+        return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+    text = (
+        f'name = "tiny-test"\nversion = "0.0.1"\nout_dir = {json.dumps(str(out_dir))}\n'
+        'seed = 0\ndevice = "cpu"\nval_every = 1\nsave_every = 1\nlog_every = 1\n'
+        + extra
+        + table("arch", {"attention": "csa", "num_blocks": 1, "num_feat": 8, "num_grow": 4, "global_skip": True})
+        + table("data", {"root": str(data_root), "hr_crop": 64, "batch_size": 2})
+        + table("psnr", {"iterations": 2, "lr": 2e-4} | (psnr or {}))
+        + (table("gan", gan) if gan else "")
+    )
+    path.write_text(text)
+    return path
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def loss_lines(log: list[dict]) -> list[dict]:
+    return [r for r in log if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory) -> Path:
+    """Two PSNR iterations straight through."""
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    cfg = load_config(write_config(tmp / "tiny.toml", data_root, out))
+    result = train(cfg, progress=False)
+    assert result == out / "last.safetensors"
+    return out
+
+
+def test_two_iterations_write_state_log_and_checkpoints(finished_run):
+    out = finished_run
+    assert (out / "state.pt").is_file()
+    log = read_log(out)
+    losses = loss_lines(log)
+    assert [r["iteration"] for r in losses] == [1, 2]
+    assert all(r["stage"] == "psnr" and math.isfinite(r["loss"]) and r["l_pix"] > 0 for r in losses)
+    vals = [r for r in log if "val_psnr_db" in r]
+    assert [r["iteration"] for r in vals] == [1, 2]
+    assert all(25 < r["val_psnr_db"] < 60 and 0 < r["val_ssim"] <= 1 for r in vals)
+
+    last = read_card(out / "last.safetensors")
+    assert last.iterations == 2 and last.name == "tiny-test"
+    assert 25 < last.metrics["val"]["val_psnr_db"] < 60
+    assert last.training["train_images"] == 3 and last.training["val_images"] == 2
+    assert last.degradation["name"] == "paper" and last.arch.num_feat == 8
+
+    best = read_card(out / "best.safetensors")
+    k = best.metrics["selected_at_iteration"]
+    assert best.iterations == k in (1, 2)
+    assert best.metrics["val"]["val_psnr_db"] == max(r["val_psnr_db"] for r in vals)
+    net, _ = load_checkpoint(out / "last.safetensors")  # sha256 and strict loading pass
+    assert sum(p.numel() for p in net.parameters()) == last.training["parameters"]
+
+
+def test_stopped_run_resumes_exactly_where_it_stopped(finished_run, data_root, tmp_path):
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "tiny.toml", data_root, out))
+    stopped = train(cfg, max_minutes=1e-9, progress=False)  # deadline passes after one iteration
+    assert stopped == out / "state.pt"
+    assert not (out / "last.safetensors").exists()
+    assert [r["iteration"] for r in loss_lines(read_log(out))] == [1]
+
+    assert train(cfg, progress=False) == out / "last.safetensors"
+    log = read_log(out)
+    assert [r["iteration"] for r in loss_lines(log)] == [1, 2]  # 2 follows 1; 1 is not run twice
+    assert read_card(out / "last.safetensors").iterations == 2
+    # same weights as the run that went straight through: every random state was restored
+    resumed, straight = load_file(out / "last.safetensors"), load_file(finished_run / "last.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    assert loss_lines(log)[1]["loss"] == loss_lines(read_log(finished_run))[1]["loss"]
+
+
+def test_more_iterations_continue_a_finished_run(data_root, tmp_path):
+    out = tmp_path / "out"
+    train(load_config(write_config(tmp_path / "a.toml", data_root, out, psnr={"iterations": 1})), progress=False)
+    assert read_card(out / "last.safetensors").iterations == 1
+    train(load_config(write_config(tmp_path / "b.toml", data_root, out, psnr={"iterations": 2})), progress=False)
+    assert [r["iteration"] for r in loss_lines(read_log(out))] == [1, 2]
+    assert read_card(out / "last.safetensors").iterations == 2
+
+
+def test_gan_stage_logs_its_losses_and_resumes(data_root, tmp_path):
+    out = tmp_path / "out"
+    gan = {"iterations": 2, "perceptual": "random_vgg19", "perceptual_layer": "conv2_2", "disc_feat": 8}
+    cfg = load_config(write_config(tmp_path / "gan.toml", data_root, out, psnr={"iterations": 1}, gan=gan))
+    assert train(cfg, max_minutes=1e-9, progress=False).name == "state.pt"  # after the PSNR iteration
+    assert train(cfg, max_minutes=1e-9, progress=False).name == "state.pt"  # after GAN iteration 2
+    assert torch.load(out / "state.pt", weights_only=False)["disc"] is not None
+    assert train(cfg, progress=False).name == "last.safetensors"  # GAN iteration 3, discriminator resumed
+
+    losses = loss_lines(read_log(out))
+    assert [(r["iteration"], r["stage"]) for r in losses] == [(1, "psnr"), (2, "gan"), (3, "gan")]
+    assert "l_adv" not in losses[0]
+    for r in losses[1:]:
+        assert all(math.isfinite(r[k]) for k in ("l_pix", "l_percep", "l_adv", "l_d"))
+        assert r["l_percep"] > 0 and r["l_d"] > 0
+    card = read_card(out / "last.safetensors")
+    assert card.iterations == 3
+    assert card.training["gan_stage"]["perceptual"] == "random_vgg19"
+    assert card.training["stages"] == {"psnr_iterations": 1, "gan_iterations": 2}
+
+
+def test_l1_ssim_pixel_loss(data_root, tmp_path):
+    out = tmp_path / "out"
+    psnr = {"iterations": 1, "pixel_loss": "l1_ssim", "ssim_weight": 1.0}
+    cfg = load_config(write_config(tmp_path / "ssim.toml", data_root, out, psnr=psnr))
+    trainer = Trainer(cfg, progress=False)
+    from pytorch_msssim import ssim as torch_ssim
+
+    hr = torch.rand(2, 1, 64, 64)
+    sr = (hr + 0.1 * torch.randn_like(hr)).clamp(0, 1)
+    expected = F.l1_loss(sr, hr) + (1 - torch_ssim(sr, hr, data_range=1.0))
+    loss = trainer._pixel_loss(sr, hr)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() > F.l1_loss(sr, hr).item() + 0.02  # the SSIM term (here ~0.05) is really added
+    assert trainer.run() == out / "last.safetensors"
+    assert math.isfinite(loss_lines(read_log(out))[0]["loss"])
+
+
+def test_load_config_rejects_unknown_keys_by_name(data_root, tmp_path):
+    path = write_config(tmp_path / "typo.toml", data_root, tmp_path / "out", extra="epochs = 3\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs'\]"):
+        load_config(path)
+    path = write_config(tmp_path / "typo2.toml", data_root, tmp_path / "out", psnr={"iters": 3})
+    with pytest.raises(ValueError, match=r"psnr: unknown key\(s\) \['iters'\]"):
+        load_config(path)
+    path = write_config(tmp_path / "bad.toml", data_root, tmp_path / "out", psnr={"pixel_loss": "l2"})
+    with pytest.raises(ValueError, match="pixel_loss.*'l2'"):
+        load_config(path)
+
+
+def test_load_config_applies_dotted_overrides(data_root, tmp_path):
+    path = write_config(tmp_path / "ok.toml", data_root, tmp_path / "out")
+    cfg = load_config(path, {"psnr.iterations": 7, "arch.attention": "none", "seed": 3})
+    assert cfg.psnr.iterations == 7 and cfg.arch.attention == "none" and cfg.seed == 3
+    assert cfg.arch.num_feat == 8 and cfg.data.hr_crop == 64
+    with pytest.raises(ValueError, match="attention"):
+        load_config(path, {"arch.attention": "cbam"})
+
+
+def test_cli_train_with_set_override(data_root, tmp_path):
+    out = tmp_path / "out"
+    path = write_config(tmp_path / "cli.toml", data_root, out, psnr={"iterations": 5})
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.cli", "train", str(path), "--set", "psnr.iterations=1",
+         "--threads", "1", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "finished" in proc.stdout and str(out / "last.safetensors") in proc.stdout
+    assert read_card(out / "last.safetensors").iterations == 1  # --set won over the file's 5
+
+
+def test_cli_train_names_a_bad_override(data_root, tmp_path):
+    path = write_config(tmp_path / "cli.toml", data_root, tmp_path / "out")
+    result = CliRunner().invoke(model_group, ["train", str(path), "--set", "psnr.itrations=1"])
+    assert result.exit_code != 0
+    assert "itrations" in result.output
+    result = CliRunner().invoke(model_group, ["train", str(path), "--set", "psnr.iterations"])
+    assert result.exit_code != 0 and "KEY=VALUE" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_scores_a_bicubic_start_like_bicubic(data_root, tmp_path):
+    """A global-skip net starts exactly at bicubic, so its first validation equals bicubic's PSNR."""
+    from model.data import load_gray
+    from model.degrade import crop_to_scale
+    from model.eval.metrics import psnr
+
+    cfg = load_config(write_config(tmp_path / "v.toml", data_root, tmp_path / "out"))
+    trainer = Trainer(cfg, progress=False)
+    scores = trainer.validate()
+    expected = []
+    for i, path in enumerate(trainer.val_files):
+        hr = crop_to_scale(load_gray(path), 4)
+        lr = cfg.degradation(hr, np.random.default_rng(cfg.seed + i))
+        up = F.interpolate(torch.from_numpy(lr)[None, None], scale_factor=4, mode="bicubic", align_corners=False)
+        expected.append(psnr(up[0, 0].clamp(0, 1).numpy(), hr))
+    assert scores["val_psnr_db"] == pytest.approx(float(np.mean(expected)), abs=1e-4)
