@@ -1,6 +1,8 @@
 """``cxr-sr-node batch IN OUT``: the node's eligibility and derive code over a folder of files.
 
 Output goes to ``OUT/<StudyInstanceUID>/<derived SeriesInstanceUID>/<derived SOPInstanceUID>.dcm``.
+Files that are not eligible are skipped with their rule; files that look eligible but whose pixels
+cannot be decoded or derived are failures, and the exit code is 1 when there is any.
 Derived UIDs are deterministic (source UID + model sha256 + node version), so a second run finds
 each output already there and skips it: an interrupted batch resumes where it stopped.
 """
@@ -25,6 +27,10 @@ from cxr_sr_node.spool import safe_name
 from cxr_sr_node.worker import Engine, derive_file
 
 log = get_logger("cxr_sr_node.batch")
+
+# A file whose header says "process me" but whose pixels cannot be decoded or derived is a
+# failure (the exit code says so), not a policy skip: a researcher must hear about corrupt data.
+FAILURE_RULES = ("decodable", "derive", "readable")
 
 
 @dataclass
@@ -90,6 +96,10 @@ def run_batch(in_dir: Path, out_dir: Path, config: NodeConfig, *, recursive: boo
             continue
         try:
             outcome = derive_file(path, engine)
+            if outcome.kind == "skipped" and outcome.rule in FAILURE_RULES:
+                summary.failed.append((str(path), outcome.reason))
+                log.error("instance.failed", file=path.name, rule=outcome.rule, reason=outcome.reason)
+                continue
             if outcome.kind == "skipped":
                 summary.skipped[outcome.rule] += 1
                 log.info("instance.skipped", sop_instance_uid=outcome.sop_instance_uid, rule=outcome.rule,

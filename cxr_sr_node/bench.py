@@ -654,14 +654,9 @@ def _work_dir(work_dir: Path | None, prefix: str) -> Iterator[Path]:
 # --- pipeline ------------------------------------------------------------------------------------
 
 def _tiny_checkpoint(folder: Path) -> Path:
-    from model.arch import ArchConfig, Generator
-    from model.checkpoint import ModelCard, save_checkpoint
+    from model.inference import write_untrained_checkpoint
 
-    arch = ArchConfig(num_blocks=1, num_feat=8, num_grow=4, global_skip=True)
-    path = folder / "bench-tiny.safetensors"
-    save_checkpoint(path, Generator(arch), ModelCard(name="bench-tiny", version="0", arch=arch,
-                                                     notes="random weights, made by cxr-sr-node bench pipeline"))
-    return path
+    return write_untrained_checkpoint(folder / "bench-tiny.safetensors", name="bench-tiny")
 
 
 def _resolve_checkpoint(checkpoint: Path | None, work: Path) -> tuple[Path, str]:

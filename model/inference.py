@@ -66,6 +66,27 @@ def load_generator(path: str | Path | None = None, device: str | torch.device = 
     return LoadedGenerator(net=net, card=card, device=dev, path=path)
 
 
+def write_untrained_checkpoint(path: str | Path, *, name: str = "untrained-tiny", residual_std: float = 0.0,
+                               seed: int = 0) -> Path:
+    """A tiny random-weight checkpoint (1 block, 8 features) for plumbing tests and benchmarks.
+
+    With ``residual_std`` 0 its output is exactly bicubic (zero last convolution); a positive value
+    adds a fixed random residual, so the output is visibly not a bicubic copy. Never for images
+    anyone looks at."""
+    from model.arch import ArchConfig
+    from model.checkpoint import ModelCard, save_checkpoint
+
+    torch.manual_seed(seed)
+    arch = ArchConfig(num_blocks=1, num_feat=8, num_grow=4, global_skip=True)
+    net = Generator(arch)
+    if residual_std:
+        with torch.no_grad():
+            net.conv_last.weight.normal_(0.0, residual_std)
+    card = ModelCard(name=name, version="0.0.0", arch=arch, notes="random weights: for plumbing tests only")
+    save_checkpoint(Path(path), net, card)
+    return Path(path)
+
+
 def _tile_starts(length: int, tile: int) -> list[int]:
     if length <= tile:
         return [0]

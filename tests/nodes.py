@@ -15,19 +15,10 @@ from tests.peers import free_port, wait_until
 
 def make_tiny_checkpoint(path: Path) -> Path:
     """A real (random-weight) CSAEGAN small enough for plumbing tests; its output is bicubic plus a
-    small learned-looking residual, so it is visibly not a bicubic copy."""
-    import torch
+    fixed random residual, so it is visibly not a bicubic copy."""
+    from model.inference import write_untrained_checkpoint
 
-    from model.arch import ArchConfig, Generator
-    from model.checkpoint import ModelCard, save_checkpoint
-
-    torch.manual_seed(0)
-    arch = ArchConfig(num_blocks=1, num_feat=8, num_grow=4, global_skip=True)
-    net = Generator(arch)
-    with torch.no_grad():
-        net.conv_last.weight.normal_(0.0, 0.3)
-    save_checkpoint(path, net, ModelCard(name="test-tiny", version="0.0.1", arch=arch))
-    return path
+    return write_untrained_checkpoint(path, name="test-tiny", residual_std=0.3)
 
 
 def node_config(tmp_path: Path, checkpoint: Path, **settings) -> NodeConfig:

@@ -1,0 +1,91 @@
+"""``cxr-sr-node batch`` over the shared DICOM folder: summary, layout, resumability, exit code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr_sr_node.batch import run_batch
+from cxr_sr_node.config import load_config
+from tests.dicom_helpers import DICOM_DIR
+from tests.nodes import make_tiny_checkpoint
+
+pytestmark = pytest.mark.timeout(900)
+
+# test1.dcm and the Covid file carry the same Study/Series/SOP UIDs: the second one maps to the
+# output the first one already wrote, so it counts as "already done" (deterministic UIDs).
+EXPECTED_SKIPPED = {"body_part": 5, "modality": 13, "position": 1}  # genFile.dcm has no Modality
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def summary(stdout: str) -> dict[str, int]:
+    """The printed summary table as {row: count}."""
+    rows = {}
+    for line in stdout.splitlines():
+        name, _, count = line.rpartition(" ")
+        if count.isdigit():
+            rows[name.strip()] = int(count)
+    return rows
+
+
+def test_batch_over_shared_dicom_then_resume(tmp_path, checkpoint):
+    cfg = load_config(environ={}, flags={"checkpoint": checkpoint, "device": "cpu", "tile": 256})
+    out = tmp_path / "out"
+    first = run_batch(DICOM_DIR, out, cfg, recursive=True, progress=False)
+    assert first.processed == 5 and first.already_done == 1
+    assert dict(first.skipped) == EXPECTED_SKIPPED
+    assert first.failed == []
+    files = sorted(out.rglob("*.dcm"))
+    assert len(files) == 5
+    for path in files:
+        ds = pydicom.dcmread(path)
+        study_dir, series_dir = path.parent.parent.name, path.parent.name
+        assert (study_dir, series_dir, path.stem) == (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+
+    again = run_batch(DICOM_DIR, out, cfg, recursive=True, progress=False)  # resumable: nothing redone
+    assert again.processed == 0 and again.already_done == 6
+    assert sorted(out.rglob("*.dcm")) == files
+
+
+def test_batch_cli_prints_summary_and_exit_code(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "chest" / "CR-MONO1-10-chest.dcm", src / "sub" / "a.dcm")
+    shutil.copy(DICOM_DIR / "other" / "CT_small.dcm", src / "b.dcm")
+    (src / "notes.txt").write_text("not DICOM")
+    env = {**os.environ, "CXRSR_CHECKPOINT": str(checkpoint), "CXRSR_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "cxr_sr_node.cli", "batch", str(src), str(tmp_path / "out"), "--no-progress"]
+    flat = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert flat.returncode == 0, flat.stderr
+    assert summary(flat.stdout) == {"processed": 0, "already done": 0, "skipped: modality": 1,
+                                    "skipped: not_dicom": 1, "failed": 0}
+    deep = subprocess.run([*cmd, "--recursive"], capture_output=True, text=True, env=env)
+    assert deep.returncode == 0, deep.stderr
+    assert summary(deep.stdout)["processed"] == 1 and len(list((tmp_path / "out").rglob("*.dcm"))) == 1
+
+    # genFile.dcm relabelled as a chest CR: eligible by header, but its pixels do not decode
+    broken = pydicom.dcmread(DICOM_DIR / "other" / "genFile.dcm", force=True)
+    broken.Modality, broken.BodyPartExamined = "CR", "CHEST"
+    broken.SamplesPerPixel, broken.PhotometricInterpretation = 1, "MONOCHROME2"
+    broken.save_as(src / "broken.dcm")
+    failed = subprocess.run([*cmd, "--recursive"], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1
+    assert summary(failed.stdout)["failed"] == 1 and summary(failed.stdout)["already done"] == 1
+    assert "broken.dcm" in failed.stderr and "cannot be decoded" in failed.stderr
+
+
+def test_batch_requires_existing_input(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", "batch", str(tmp_path / "nope"), str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "does not exist" in result.stderr
