@@ -57,9 +57,14 @@ def with_new_uids(src: Path, dest: Path, *, study: str | None = None, series: st
     ds.StudyInstanceUID = study or generate_uid()
     ds.SeriesInstanceUID = series or generate_uid()
     ds.SOPInstanceUID = generate_uid()
-    if "file_meta" in ds.__dict__ or hasattr(ds, "file_meta"):
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # a bare data set: implicit VR LE
+        from pydicom.dataset import FileMetaDataset
+
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     for key, value in changes.items():
         setattr(ds, key, value)
-    ds.save_as(dest)
+    ds.save_as(dest, enforce_file_format=True)
     return dest

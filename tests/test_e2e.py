@@ -231,3 +231,28 @@ def test_logs_carry_uids_but_no_patient_data(tmp_path, storescp, tiny_checkpoint
     assert str(source.SOPInstanceUID) in text
     for phi in ("Zyxwv", "Qutsr", "PID-998877", "19420317"):
         assert phi not in text
+
+
+def test_unreachable_destination_fails_with_reason_then_retry_delivers(tmp_path, tiny_checkpoint):
+    from tests.peers import dcmtk_storescp, free_port
+
+    dest_port = free_port()  # nothing listens here yet
+    src = with_new_uids(CHEST_DIR / "CR-MONO1-10-chest.dcm", tmp_path / "in.dcm")
+    cfg = node_config(tmp_path, tiny_checkpoint, dest=f"LATEPACS@127.0.0.1:{dest_port}", send_retries=2,
+                      send_backoff_s=0.1)
+    with running_node(cfg) as node:
+        assert storescu("127.0.0.1", cfg.port, [src], calling_ae="MODALITY", called_ae="CXRSR").returncode == 0
+        (job,) = wait_for_jobs_done(node, 1)
+        assert job.state == "failed" and job.send_attempts == 3
+        assert "LATEPACS@127.0.0.1" in job.reason and ("connect" in job.reason or "association" in job.reason)
+        reason = json.loads((cfg.spool / "failed" / job.job_id / "reason.json").read_text())
+        assert reason["reason"] == job.reason
+        assert len(list((cfg.spool / "failed" / job.job_id / "out").glob("*.dcm"))) == 1
+
+        with dcmtk_storescp(tmp_path / "late", ae="LATEPACS", port=dest_port, log_dir=tmp_path) as late:
+            retry = subprocess.run([__import__("sys").executable, "-m", "cxr_sr_node.cli", "retry", job.job_id,
+                                    "--spool", str(cfg.spool)], capture_output=True, text=True)
+            assert retry.returncode == 0 and "re-queued as outgoing" in retry.stdout, retry.stderr
+            (received,) = late.wait_for_files(1, 60)
+            wait_until(lambda: node.spool.get(job.job_id).state == "done", 30, "the retried job to be done")
+    assert pydicom.dcmread(received).StudyInstanceUID == pydicom.dcmread(src).StudyInstanceUID

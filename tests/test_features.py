@@ -23,7 +23,9 @@ NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "nih
 
 pytestmark = pytest.mark.timeout(60)
 
-needs_data = pytest.mark.skipif(not (NIH / "val").is_dir(), reason=f"the shared chest X-ray data is not at {NIH}")
+needs_data = pytest.mark.skipif(
+    not (NIH / "val").is_dir(), reason=f"the shared chest X-ray data is not at {NIH}"
+)
 
 
 def chest_crop(size: int = 64) -> torch.Tensor:
@@ -49,10 +51,25 @@ def tiny_data(tmp_path_factory) -> Path:
 @needs_data
 def test_three_iterations_write_a_loadable_file_and_card(tiny_data, tmp_path):
     out = tmp_path / "feats.safetensors"
-    result = CliRunner().invoke(model_group, [
-        "train-features", "--data", str(tiny_data), "--iterations", "3", "--crop", "32", "--batch-size", "2",
-        "--out", str(out), "--log", str(tmp_path / "log.jsonl"), "--no-progress",
-    ])
+    result = CliRunner().invoke(
+        model_group,
+        [
+            "train-features",
+            "--data",
+            str(tiny_data),
+            "--iterations",
+            "3",
+            "--crop",
+            "32",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--log",
+            str(tmp_path / "log.jsonl"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     state = load_file(str(out))
     reference = vgg_layers(CXR_FEATURES_CFG, 1).state_dict()
@@ -70,9 +87,19 @@ def test_three_iterations_write_a_loadable_file_and_card(tiny_data, tmp_path):
 
 
 def test_a_crop_that_is_not_a_multiple_of_8_is_refused(tmp_path):
-    result = CliRunner().invoke(model_group, [
-        "train-features", "--data", str(tmp_path), "--iterations", "1", "--crop", "36", "--no-progress",
-    ])
+    result = CliRunner().invoke(
+        model_group,
+        [
+            "train-features",
+            "--data",
+            str(tmp_path),
+            "--iterations",
+            "1",
+            "--crop",
+            "36",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code != 0 and "crop must be a multiple of 8" in result.output
 
 

@@ -46,7 +46,7 @@ class GanStage:
     # "random_vgg19" (fixed, seeded random VGG19), "cxr_features" (small net trained on the shared
     # chest images, see model.train.features), or a path to standard torchvision VGG19 weights.
     perceptual: str = "cxr_features"
-    perceptual_layer: str = "conv5_4"
+    perceptual_layer: str = "default"  # default: conv5_4 for VGG19 (ESRGAN), "last" for cxr_features
     disc_feat: int = 64
 
 

@@ -89,7 +89,9 @@ class FeatureTrainConfig:
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if self.crop < DOWNSCALE * 2 or self.crop % DOWNSCALE:  # also a multiple of the x4 scale
-            raise ValueError(f"crop must be a multiple of {DOWNSCALE} and >= {DOWNSCALE * 2}, got {self.crop}")
+            raise ValueError(
+                f"crop must be a multiple of {DOWNSCALE} and >= {DOWNSCALE * 2}, got {self.crop}"
+            )
         for name in ("batch_size", "log_every", "val_crops_per_image", "calibration_crops"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,7 +112,11 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for w in (64, 32, 16):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, w, 3, padding=1), nn.ReLU(True)]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c, w, 3, padding=1),
+                nn.ReLU(True),
+            ]
             c = w
         out = nn.Conv2d(c, 1, 3, padding=1)
         nn.init.constant_(out.bias, 0.5)  # start at mid-gray, not black: no iterations spent on the mean
@@ -157,7 +163,9 @@ class CropSource:
     def noisy(self, hr: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
         return (hr + rng.normal(0.0, sigma, size=hr.shape)).astype(np.float32)
 
-    def batch(self, size: int, *, noise_sigma: float, lr_input_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, size: int, *, noise_sigma: float, lr_input_prob: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target), each (B, 1, crop, crop) float32."""
         inputs, targets = [], []
         for _ in range(size):
@@ -177,13 +185,17 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def val_crops(source: CropSource, *, crops_per_image: int, noise_sigma: float, seed: int) -> dict[str, torch.Tensor]:
+def val_crops(
+    source: CropSource, *, crops_per_image: int, noise_sigma: float, seed: int
+) -> dict[str, torch.Tensor]:
     """Fixed seeded crops of every image: ``hr`` and the two kinds of input, each (N, 1, c, c)."""
     rng = np.random.default_rng(seed)
     hr = [source.clean_crop(rng, i) for i in range(len(source.images)) for _ in range(crops_per_image)]
     noisy = [source.noisy(h, noise_sigma, rng) for h in hr]
     up = [source.bicubic_up(h) for h in hr]
-    return {k: torch.tensor(np.stack(v))[:, None] for k, v in (("hr", hr), ("noisy", noisy), ("bicubic_lr", up))}
+    return {
+        k: torch.tensor(np.stack(v))[:, None] for k, v in (("hr", hr), ("noisy", noisy), ("bicubic_lr", up))
+    }
 
 
 @torch.no_grad()
@@ -199,7 +211,10 @@ def evaluate(encoder: nn.Sequential, decoder: Decoder, crops: dict[str, torch.Te
             y = decoder(encoder(x))
             recon += [psnr_db(y[i], target[i]) for i in range(len(x))]
             given += [psnr_db(x[i], target[i]) for i in range(len(x))]
-        out[kind] = {"recon_psnr_db": round(float(np.mean(recon)), 3), "input_psnr_db": round(float(np.mean(given)), 3)}
+        out[kind] = {
+            "recon_psnr_db": round(float(np.mean(recon)), 3),
+            "input_psnr_db": round(float(np.mean(given)), 3),
+        }
     encoder.train()
     decoder.train()
     return out
@@ -233,7 +248,9 @@ def normalise_layers(features: nn.Sequential, x: torch.Tensor) -> list[float]:
                 break
         s = h.std().item()
         if not math.isfinite(s) or s <= 0:
-            raise ValueError(f"conv {k} of the feature network has degenerate output (std {s}); not saving it")
+            raise ValueError(
+                f"conv {k} of the feature network has degenerate output (std {s}); not saving it"
+            )
         conv.weight.div_(s)
         conv.bias.div_(s)
         if k + 1 < len(convs):
@@ -263,9 +280,7 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_features(
-    features: nn.Sequential, out: Path, card: dict[str, Any]
-) -> dict[str, Any]:
+def save_features(features: nn.Sequential, out: Path, card: dict[str, Any]) -> dict[str, Any]:
     """Write the fp32 safetensors file and its JSON card (with the file's sha256); returns the card."""
     from safetensors.torch import save_file
 
@@ -314,9 +329,10 @@ def train_features(config: FeatureTrainConfig) -> dict[str, Any]:
     window: list[float] = []
     it, train_s = 0, 0.0
     total = config.iterations if config.minutes is None else None  # a time budget: no known end
-    with open(config.log, "w") as log, tqdm(
-        total=total, disable=not config.progress, desc="cxr-features", unit="it"
-    ) as bar:
+    with (
+        open(config.log, "w") as log,
+        tqdm(total=total, disable=not config.progress, desc="cxr-features", unit="it") as bar,
+    ):
         while _progress(config, it, train_s) < 1.0:
             t0 = time.perf_counter()
             lr_now = _lr_at(config, it, _progress(config, it, train_s))
@@ -344,12 +360,16 @@ def train_features(config: FeatureTrainConfig) -> dict[str, Any]:
                 bar.set_postfix(l1=f"{mean:.4f}")
         if window:
             losses.append(float(np.mean(window)))
-        crops = val_crops(val, crops_per_image=config.val_crops_per_image, noise_sigma=config.noise_sigma, seed=config.seed)
+        crops = val_crops(
+            val, crops_per_image=config.val_crops_per_image, noise_sigma=config.noise_sigma, seed=config.seed
+        )
         val_metrics = evaluate(trunk, decoder, crops)
         log.write(json.dumps({"iteration": it, "event": "val", **val_metrics}) + "\n")
 
     calib_rng = np.random.default_rng(config.seed + 2)
-    calib = torch.from_numpy(np.stack([train.clean_crop(calib_rng) for _ in range(config.calibration_crops)])[:, None])
+    calib = torch.from_numpy(
+        np.stack([train.clean_crop(calib_rng) for _ in range(config.calibration_crops)])[:, None]
+    )
     encoder.eval()
     scales = normalise_layers(encoder, calib)
     val_metrics["features_last"] = feature_stats(trunk, crops)  # after normalisation
@@ -358,7 +378,7 @@ def train_features(config: FeatureTrainConfig) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "name": "cxr-features",
         "what": (
-            "Perceptual feature network for the GAN stage (perceptual = \"cxr_features\"): the encoder "
+            'Perceptual feature network for the GAN stage (perceptual = "cxr_features"): the encoder '
             "of a denoising autoencoder trained on chest X-rays, used instead of ImageNet VGG19, "
             "which needs a download. Not a diagnostic model."
         ),

@@ -80,7 +80,9 @@ class FeatureExtractor(nn.Module):
         return self.features(x)
 
 
-def build_perceptual(spec: str, layer: str, *, seed: int = 0) -> FeatureExtractor:
+def build_perceptual(spec: str, layer: str = "default", *, seed: int = 0) -> FeatureExtractor:
+    if layer == "default":
+        layer = "last" if spec == "cxr_features" else "conv5_4"
     if spec == "random_vgg19":
         gen = torch.Generator().manual_seed(seed)
         feats = vgg_layers(VGG19_CFG, 3)
