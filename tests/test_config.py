@@ -79,3 +79,11 @@ def test_allow_rule_host_pinning():
     assert not rule.matches("MODALITY", "10.0.0.9")
     assert not rule.matches("OTHER", "127.0.0.1")
     assert AllowRule.parse("ANY").matches("ANY", "10.1.2.3")
+
+
+def test_shipped_example_toml_loads():
+    example = Path(__file__).resolve().parents[1] / "deploy" / "cxr-sr-node.example.toml"
+    cfg = load_config(toml_path=example, environ={})
+    assert cfg.dest == Peer("ORTHANC", "pacs.example.org", 4242)
+    assert cfg.peers["ORTHANC"] == Peer("ORTHANC", "10.0.0.5", 4242)
+    assert AllowRule("ORTHANC", "10.0.0.5") in cfg.allow and cfg.http_port == 8080
