@@ -1,4 +1,4 @@
-"""``cxr-sr-node``: serve, batch, check, status, retry, bench, and the ``model`` group.
+"""``cxr-sr-node``: serve, worker, batch, check, status, retry, bench, and the ``model`` group.
 
 Configuration is merged here, once: defaults < TOML (``--config`` or ``CXRSR_CONFIG``) <
 ``CXRSR_*`` environment < flags, into a frozen ``NodeConfig`` passed down to everything else.
@@ -35,6 +35,7 @@ checkpoint_option = click.option(
     "--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Generator checkpoint (.safetensors with its .json card) [the shipped CPU model].",
 )
+broker_option = click.option("--broker-url", help="RabbitMQ URL for the celery runner [amqp://guest:guest@127.0.0.1:5672//].")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,6 +57,9 @@ def main() -> None:
 @click.option("--workers", type=int, help="Worker processes (one per GPU) [1].")
 @click.option("--http-port", type=int, help="Port for /healthz and /metrics [off].")
 @click.option("--series-idle-s", type=float, help="Seconds without a new instance before a series is complete [5].")
+@click.option("--runner", type=click.Choice(["embedded", "celery"]),
+              help="embedded: worker processes here; celery: `cxr-sr-node worker` processes via RabbitMQ [embedded].")
+@broker_option
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(config_file: Path | None, allow: tuple[str, ...], **flags: Any) -> None:
     """Run the DICOM node: receive, super-resolve, send back."""
@@ -65,6 +69,34 @@ def serve(config_file: Path | None, allow: tuple[str, ...], **flags: Any) -> Non
 
     try:
         Node(cfg).serve_forever()
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--queues", default="gpu,send", show_default=True,
+              help="What this worker consumes: gpu (process jobs; loads the model), send (C-STORE to the "
+                   "destination; no torch), or gpu,send.")
+@config_option
+@spool_option
+@device_option
+@checkpoint_option
+@broker_option
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def worker(config_file: Path | None, queues: str, **flags: Any) -> None:
+    """Run a Celery worker for a node started with `serve --runner celery`.
+
+    One gpu worker per GPU (choose it with CUDA_VISIBLE_DEVICES), any number of send workers. The
+    spool must be the node's, at the same path (shared storage); use the node's settings file."""
+    names = tuple(dict.fromkeys(q.strip() for q in queues.split(",") if q.strip()))
+    if not names or not set(names) <= {"gpu", "send"}:
+        raise click.BadParameter(f"expected gpu, send or gpu,send, got {queues!r}", param_hint="--queues")
+    cfg = _config(config_file, **flags)
+    configure_logging(cfg.log_level, json=cfg.log_json)
+    from cxr_sr_node.queue import run_worker
+
+    try:
+        sys.exit(run_worker(cfg, names))
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -118,6 +118,10 @@ class NodeConfig:
     overlap: int = 16
     max_output_px: int = 4096
     workers: int = 1  # worker processes (one per GPU); 0 = receive only, jobs wait for workers elsewhere
+    # runner: "embedded" (worker processes of this node) or "celery" (workers elsewhere, via RabbitMQ;
+    # the spool must then be on storage the node and the workers share)
+    runner: str = "embedded"
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     # identity and operations
     device_uid: str = field(default_factory=default_device_uid)
     station_name: str = ""
@@ -145,6 +149,12 @@ class NodeConfig:
             raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: expected debug, info, warning or error, got {self.log_level!r}")
+        if self.runner not in ("embedded", "celery"):
+            raise ConfigError(f"runner: expected embedded or celery, got {self.runner!r}")
+        if not re.match(r"(py)?amqps?://", self.broker_url):
+            shown = re.sub(r"//[^@/]*@", "//***@", self.broker_url)  # no password in an error message
+            raise ConfigError(f"broker_url: expected an amqp:// or amqps:// URL (RabbitMQ; Redis is not supported), "
+                              f"got {shown!r}")
         if self.max_output_px < 4 * 16:
             raise ConfigError(f"max_output_px: must be at least 64, got {self.max_output_px}")
 

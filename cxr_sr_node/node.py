@@ -1,9 +1,15 @@
-"""The embedded runner behind ``serve``: SCP threads, a series scheduler, worker processes, a sender.
+"""The node behind ``serve``: SCP threads, a series scheduler, and one of two runners (DESIGN §7).
 
-Nothing here needs a server besides the node itself. Workers are child processes started with
-'spawn' (the parent never imports torch); each loads the model once. The sender runs in the parent
-so network retries never hold a GPU. SIGTERM / Ctrl-C stop the SCP first, let workers finish
-their current job, and leave everything unfinished in the spool for the next start.
+``runner = "embedded"`` (the default) needs no server besides the node itself. Workers are child
+processes started with 'spawn' (the parent never imports torch); each loads the model once. The
+sender runs in the parent so network retries never hold a GPU. SIGTERM / Ctrl-C stop the SCP first,
+let workers finish their current job, and leave everything unfinished in the spool for the next start.
+
+``runner = "celery"`` starts no worker and no sender: the scheduler publishes a ``process`` message
+for each job it creates, and ``cxr-sr-node worker`` processes elsewhere do the work (see
+``cxr_sr_node.queue``). The spool stays the truth: every ``RECONCILE_INTERVAL_S`` the scheduler
+re-publishes jobs that wait without a message (a publish that failed, a message the broker lost)
+and jobs whose worker's lease expired.
 """
 
 from __future__ import annotations
@@ -18,10 +24,14 @@ from cxr_sr_node.logs import get_logger
 from cxr_sr_node.metrics import Metrics, start_http
 from cxr_sr_node.scp import SeriesTracker, StorageSCP
 from cxr_sr_node.send import SendError, send_files
-from cxr_sr_node.spool import Spool
+from cxr_sr_node.spool import Job, Spool
 from cxr_sr_node.worker import worker_main
 
 log = get_logger("cxr_sr_node.node")
+
+# celery runner: how often the scheduler looks for jobs without a message, and how long a job must
+# have waited (or its lease have been expired) before it is re-published
+RECONCILE_INTERVAL_S = 30.0
 
 
 def destination(config: NodeConfig, calling_ae: str) -> Peer | None:
@@ -29,6 +39,31 @@ def destination(config: NodeConfig, calling_ae: str) -> Peer | None:
     if config.return_to_sender and calling_ae in config.peers:
         return config.peers[calling_ae]
     return config.dest
+
+
+def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
+    """One send attempt for a job claimed for the send stage (by the embedded sender or a Celery
+    ``send`` task). Returns the outcome: ``ok``, ``skipped`` (no destination; output kept in done/),
+    ``retry`` (back to outgoing after a backoff) or ``failed`` (dead-lettered with the reason)."""
+    files = sorted((spool.job_dir(job.job_id, "sending") / "out").glob("*.dcm"))
+    peer = destination(config, job.calling_ae)
+    if peer is None:
+        spool.finish_sending(job.job_id, {"peer": None, "sent": 0, "note": "no destination configured; output kept in done/"})
+        log.info("send.skipped", job_id=job.job_id, reason="no destination configured", files=len(files))
+        return "skipped"
+    started = time.perf_counter()
+    try:
+        result = send_files(peer, files, calling_ae=config.ae_title, timeout_s=config.dimse_timeout_s,
+                            max_pdu=config.max_pdu)
+    except (SendError, OSError) as exc:
+        state = spool.fail_attempt(job.job_id, stage="send", reason=str(exc),
+                                   max_attempts=config.send_retries + 1, backoff_s=config.send_backoff_s)
+        log.warning("send.failed", job_id=job.job_id, peer=str(peer), reason=str(exc), attempt=job.send_attempts, state=state)
+        return "failed" if state == "failed" else "retry"
+    spool.finish_sending(job.job_id, {"peer": result.peer, "sent": result.sent, "statuses": result.statuses})
+    log.info("send.finished", job_id=job.job_id, peer=result.peer, sent=result.sent,
+             elapsed_s=round(time.perf_counter() - started, 3))
+    return "ok"
 
 
 class Node:
@@ -42,6 +77,15 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._workers: list[mp.Process] = []
         self._http = None
+        # celery runner: the publisher, and when each (job, stage) was last published by this node
+        self.queue = None
+        self.reconcile_interval_s = RECONCILE_INTERVAL_S
+        self._published: dict[tuple[str, str], float] = {}
+        self._broker_ok: bool | None = None
+        if config.runner == "celery":
+            from cxr_sr_node.queue import Publisher  # celery is imported only for this runner
+
+            self.queue = Publisher(config)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_for_workers_s: float = 300.0) -> None:
@@ -49,7 +93,7 @@ class Node:
         log.info("spool.recovered", root=str(self.spool.root), **fixed, **self.spool.counts())
         ctx = mp.get_context("spawn")
         events = []
-        for _ in range(self.config.workers):
+        for _ in range(self.config.workers if self.queue is None else 0):
             ready = ctx.Event()
             proc = ctx.Process(target=worker_main, args=(self.config, ready), daemon=False, name="cxr-sr-worker")
             proc.start()
@@ -64,8 +108,11 @@ class Node:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"worker did not load the model within {wait_for_workers_s} s")
+        if self.queue is not None:
+            self._declare_queues()
         self.scp.start()
-        for target, name in ((self._schedule_loop, "scheduler"), (self._send_loop, "sender")):
+        loops = [(self._schedule_loop, "scheduler")] + ([(self._send_loop, "sender")] if self.queue is None else [])
+        for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -73,7 +120,7 @@ class Node:
             self._http = start_http(self.config.bind_address, self.config.http_port, self.metrics, self.health)
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
                  dest=str(self.config.dest) if self.config.dest else None, workers=len(self._workers),
-                 spool=str(Path(self.config.spool).resolve()))
+                 spool=str(Path(self.config.spool).resolve()), runner=self.config.runner)
 
     def stop(self, *, worker_grace_s: float = 600.0) -> None:
         self.scp.stop()
@@ -89,13 +136,17 @@ class Node:
                 proc.kill()
         if self._http is not None:
             self._http.shutdown()
+        if self.queue is not None:
+            self.queue.close()
         log.info("node.stopped")
 
     def health(self) -> tuple[bool, dict]:
         alive = sum(p.is_alive() for p in self._workers)
         ok = self.scp.server is not None and alive == len(self._workers)
-        return ok, {"scp": self.scp.server is not None, "workers_alive": alive, "workers": len(self._workers),
-                    **self.spool.counts()}
+        detail = {"scp": self.scp.server is not None, "workers_alive": alive, "workers": len(self._workers)}
+        if self.queue is not None:  # receiving goes on while the broker is away; the spool keeps the jobs
+            detail.update(runner="celery", broker_ok=self._broker_ok)
+        return ok, {**detail, **self.spool.counts()}
 
     def serve_forever(self) -> None:
         import signal
@@ -122,10 +173,13 @@ class Node:
 
     # --- loops -----------------------------------------------------------------------------------
     def _schedule_loop(self) -> None:
-        last_purge = 0.0
+        last_purge = last_reconcile = 0.0
         while not self._stop.wait(0.2):
             try:
                 self.schedule_once()
+                if self.queue is not None and time.monotonic() - last_reconcile > self.reconcile_interval_s:
+                    self.reconcile_once()
+                    last_reconcile = time.monotonic()
                 if time.monotonic() - last_purge > 3600:
                     self.spool.purge_done(self.config.keep_done_days * 86400)
                     last_purge = time.monotonic()
@@ -148,7 +202,68 @@ class Node:
                     log.info("job.created", job_id=job_id, series_instance_uid=job.series_uid,
                              study_instance_uid=job.study_uid, calling_ae=job.calling_ae)
                     created.append(job_id)
+                    if self.queue is not None:
+                        self._publish("process", job_id)
         return created
+
+    # --- celery runner -----------------------------------------------------------------------------
+    def _declare_queues(self) -> dict[str, int] | None:
+        """Declare the exchanges and queues; returns the messages waiting per work queue, or None
+        when the broker cannot be reached (jobs then wait in the spool; the reconciler publishes them)."""
+        try:
+            waiting = self.queue.declare()
+        except Exception as exc:  # noqa: BLE001 - any broker/network error: keep receiving, retry later
+            if self._broker_ok is not False:
+                log.warning("queue.unavailable", reason=f"{type(exc).__name__}: {exc}")
+            self._broker_ok = False
+            return None
+        self._broker_ok = True
+        return waiting
+
+    def _publish(self, stage: str, job_id: str, *, why: str = "created") -> bool:
+        try:
+            self.queue.publish(stage, job_id)
+        except Exception as exc:  # noqa: BLE001 - the job stays in the spool; the reconciler retries
+            self._broker_ok = False
+            log.warning("queue.publish_failed", job_id=job_id, stage=stage, reason=f"{type(exc).__name__}: {exc}")
+            return False
+        self._broker_ok = True
+        self._published[(job_id, stage)] = time.time()
+        log.debug("queue.published", job_id=job_id, stage=stage, why=why)
+        return True
+
+    def reconcile_once(self) -> list[tuple[str, str]]:
+        """Publish what the spool says is due but may have no message (the spool is the truth).
+
+        A job waiting for a stage (``ready``/``outgoing``, past its backoff) is re-published when
+        it has waited ``reconcile_interval_s`` and either this node never published it since it
+        became due (a failed publish, a node restart, a message from a worker that died before
+        publishing) or the stage's queue holds no waiting message (so its message is gone). A job
+        whose lease expired is re-published the same way: its worker died without the broker
+        handing the message on. Duplicates are harmless: a task finds the job not due and acks."""
+        waiting = self._declare_queues()
+        if waiting is None:
+            return []
+        now, settle = time.time(), self.reconcile_interval_s
+        from cxr_sr_node.queue import queue_for_stage
+
+        republished = []
+        for state, stage, expired in (("ready", "process", False), ("outgoing", "send", False),
+                                      ("running", "process", True), ("sending", "send", True)):
+            for job in self.spool.jobs(state):
+                due_since = job.lease_until if expired else max(job.updated, job.not_before)
+                if due_since > now - settle:
+                    continue  # not due yet, or only just: its message is probably on its way
+                last = self._published.get((job.job_id, stage))
+                if last is not None and last >= due_since and (waiting[queue_for_stage(stage)] > 0 or last > now - settle):
+                    continue  # published since it became due, and it may still be in the queue
+                why = "lease_expired" if expired else ("unpublished" if last is None or last < due_since else "queue_empty")
+                log.info("job.republished", job_id=job.job_id, stage=stage, state=state, why=why)
+                if self._publish(stage, job.job_id, why=why):
+                    republished.append((job.job_id, stage))
+        live = {j.job_id for s in ("ready", "running", "outgoing", "sending") for j in self.spool.jobs(s)}
+        self._published = {k: v for k, v in self._published.items() if k[0] in live}
+        return republished
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
@@ -164,23 +279,7 @@ class Node:
         job = self.spool.claim(stage="send", lease_s=cfg.lease_s, max_attempts=cfg.send_retries + 1)
         if job is None:
             return False
-        files = sorted((self.spool.job_dir(job.job_id, "sending") / "out").glob("*.dcm"))
-        peer = destination(cfg, job.calling_ae)
-        if peer is None:
-            self.spool.finish_sending(job.job_id, {"peer": None, "sent": 0, "note": "no destination configured; output kept in done/"})
-            log.info("send.skipped", job_id=job.job_id, reason="no destination configured", files=len(files))
-            return True
-        started = time.perf_counter()
-        try:
-            result = send_files(peer, files, calling_ae=cfg.ae_title, timeout_s=cfg.dimse_timeout_s, max_pdu=cfg.max_pdu)
-        except (SendError, OSError) as exc:
-            state = self.spool.fail_attempt(job.job_id, stage="send", reason=str(exc),
-                                            max_attempts=cfg.send_retries + 1, backoff_s=cfg.send_backoff_s)
-            self.metrics.sent("failed" if state == "failed" else "retry")
-            log.warning("send.failed", job_id=job.job_id, peer=str(peer), reason=str(exc), attempt=job.send_attempts, state=state)
-            return True
-        self.spool.finish_sending(job.job_id, {"peer": result.peer, "sent": result.sent, "statuses": result.statuses})
-        self.metrics.sent("ok")
-        log.info("send.finished", job_id=job.job_id, peer=result.peer, sent=result.sent,
-                 elapsed_s=round(time.perf_counter() - started, 3))
+        outcome = send_job(self.spool, cfg, job)
+        if outcome != "skipped":
+            self.metrics.sent(outcome)
         return True

@@ -322,6 +322,54 @@ class Spool:
             return self.claim(stage=stage, lease_s=lease_s, max_attempts=max_attempts)
         return self.get(job.job_id)
 
+    def claim_job(
+        self, job_id: str, *, stage: str, lease_s: float, max_attempts: int, take_over: bool = False
+    ) -> Job | None:
+        """Take ``job_id`` for ``stage`` — what :meth:`claim` does for the oldest due job, for one job.
+
+        The job is taken when it waits for ``stage`` and is past its backoff, or when the lease of
+        the worker that held it expired; the attempt counter goes up and a new lease starts. A
+        process-stage job already tried ``max_attempts`` times goes to ``failed`` instead. Returns
+        None when there is nothing to take: no such job, done, failed (now or before), held under a
+        live lease, or still waiting out a backoff. A queue message is delivered at least once, so
+        a duplicate message finds None here and does nothing.
+
+        ``take_over=True`` also takes a job held under a live lease: for a caller that knows the
+        holder is gone, e.g. a RabbitMQ redelivery, which happens only after the connection of the
+        consumer that had the message closed (its worker died)."""
+        waiting, active, counter = (
+            ("ready", "running", "attempts") if stage == "process" else ("outgoing", "sending", "send_attempts")
+        )
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            job = Job.from_row(row) if row is not None else None
+            due = job is not None and (
+                (job.state == waiting and job.not_before <= now)
+                or (job.state == active and (job.lease_until < now or take_over))
+            )
+            failed = False
+            if not due:
+                pass
+            elif stage == "process" and job.attempts >= max_attempts:
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', reason = ?, updated = ? WHERE job_id = ?",
+                    (job.reason or f"processing did not finish in {job.attempts} attempts (worker lost)", now, job_id),
+                )
+                failed = True
+            else:
+                db.execute(
+                    f"UPDATE jobs SET state = ?, lease_until = ?, {counter} = {counter} + 1, updated = ?"
+                    " WHERE job_id = ?",
+                    (active, now + lease_s, now, job_id),
+                )
+        if failed:
+            self._move(job_id, "failed")
+            self._write_reason(job_id)
+        if not due or failed:
+            return None
+        return self.get(job_id)
+
     def _set(self, job_id: str, **values: Any) -> None:
         values["updated"] = time.time()
         if "result" in values:

@@ -1,0 +1,83 @@
+"""The operator commands: check, status, serve's config errors, /healthz and /metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.nodes import make_tiny_checkpoint, node_config, running_node
+from tests.peers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "CXRSR_MIN_FREE_DISK_MB": "1", **(env or {})}, timeout=300)
+
+
+def test_check_passes_with_model_and_reachable_dest(tmp_path, storescp):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    result = cli("check", "--spool", str(tmp_path / "spool"), "--checkpoint", str(ckpt), "--device", "cpu",
+                 "--dest", f"{storescp.ae}@127.0.0.1:{storescp.port}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["ok", "ok", "ok", "ok"]
+    assert any(line.startswith("ok   model: test-tiny") for line in lines)
+    assert any("C-ECHO to" in line and "0x0000" in line for line in lines)
+
+
+def test_check_fails_on_unreachable_dest_and_bad_spool(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = cli("check", "--no-model", "--spool", str(blocker / "spool"), "--dest", f"PACS@127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "FAIL spool:" in result.stdout and "not writable" in result.stdout
+    assert "FAIL dest: C-ECHO to PACS@127.0.0.1" in result.stdout
+
+
+def test_check_fails_on_a_broken_checkpoint(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    data = bytearray(ckpt.read_bytes())
+    data[-1] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    result = cli("check", "--spool", str(tmp_path / "spool"), "--checkpoint", str(ckpt))
+    assert result.returncode == 1
+    assert "FAIL model:" in result.stdout and "sha256" in result.stdout
+
+
+def test_bad_config_value_is_one_line_naming_the_key(tmp_path):
+    result = cli("serve", "--spool", str(tmp_path / "s"), env={"CXRSR_SERIES_IDLE_S": "soon"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: series_idle_s (from environment): expected float, got 'soon'"
+
+
+def test_status_counts_json(tmp_path):
+    result = cli("status", "--spool", str(tmp_path / "spool"), "--json")
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    assert data["counts"]["ready"] == 0 and data["failed"] == []
+
+
+def test_healthz_and_metrics(tmp_path, storescp):
+    from tests.peers import storescu
+    from tests.dicom_helpers import CHEST_DIR
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    http = free_port()
+    cfg = node_config(tmp_path, ckpt, http_port=http, dest=f"{storescp.ae}@127.0.0.1:{storescp.port}")
+    with running_node(cfg):
+        assert storescu("127.0.0.1", cfg.port, [CHEST_DIR / "CR-MONO1-10-chest.dcm"], calling_ae="M",
+                        called_ae="CXRSR").returncode == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=10) as resp:
+            health = json.loads(resp.read())
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+    assert health["ok"] is True and health["workers_alive"] == 1
+    assert 'cxrsr_store_total{status="0x0000"} 1.0' in metrics
+    assert 'cxrsr_jobs{state="done"}' in metrics
