@@ -98,6 +98,9 @@ class NodeConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    tls_cert: Path | None = None  # PEM certificate (chain) of this node: the SCP then speaks DICOM TLS only
+    tls_key: Path | None = None  # PEM private key for tls_cert
+    tls_ca: Path | None = None  # PEM CA bundle: when set, callers must present a certificate it signed
     max_instance_mb: int = 1024
     min_free_disk_mb: int = 1024
     reject_ineligible: bool = False
@@ -145,6 +148,14 @@ class NodeConfig:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key: set both (TLS) or neither (plain TCP)")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_ca: client certificates can only be checked when tls_cert and tls_key are set")
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{key}: file {path} does not exist")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -165,9 +166,24 @@ class StorageSCP:
         tempfile.tempdir = str(self.spool.tmp_dir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         self.server = self.ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers()
+            (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers(),
+            ssl_context=self.tls_context(),
         )
-        log.info("scp.started", ae_title=self.config.ae_title, port=self.port, bind_address=self.config.bind_address)
+        log.info("scp.started", ae_title=self.config.ae_title, port=self.port, bind_address=self.config.bind_address,
+                 tls=self.config.tls_cert is not None, client_certificates=self.config.tls_ca is not None)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """DICOM TLS (PS3.15 B.9 / BCP 195): TLS 1.2+, our certificate, optionally client certificates."""
+        cfg = self.config
+        if cfg.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=cfg.tls_cert, keyfile=cfg.tls_key)
+        if cfg.tls_ca is not None:
+            context.load_verify_locations(cafile=cfg.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     @property
     def port(self) -> int:

@@ -1,0 +1,70 @@
+"""DICOM TLS on the SCP, against dcmtk's storescu with and without client certificates."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cxr_sr_node.config import ConfigError, load_config
+from tests.dicom_helpers import CHEST_DIR
+from tests.peers import PeerMissing, require_binary, storescu
+from tests.test_scp import incoming_files, running_scp
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
+    try:
+        require_binary("storescu", "dcmtk")
+        require_binary("openssl", "openssl")
+    except PeerMissing as exc:
+        pytest.skip(str(exc))
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.cnf", cwd=d)
+    return d
+
+
+def test_tls_scp_accepts_tls_and_refuses_plain_tcp(tmp_path, pki):
+    with running_scp(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key") as scp:
+        tls = storescu("127.0.0.1", scp.port, [CHEST_DIR / "test1.dcm"], calling_ae="MODALITY", called_ae="CXRSR",
+                       extra_args=("+tla", "+cf", str(pki / "ca.pem")))
+        plain = storescu("127.0.0.1", scp.port, [CHEST_DIR / "test2.dcm"], calling_ae="MODALITY", called_ae="CXRSR",
+                         timeout_s=30)
+        stored = incoming_files(scp)
+    assert tls.returncode == 0, tls.stdout + tls.stderr
+    assert plain.returncode != 0
+    assert [p.stem for p in stored] == ["1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888"]
+
+
+def test_tls_with_ca_requires_a_client_certificate(tmp_path, pki):
+    with running_scp(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_ca=pki / "ca.pem") as scp:
+        anonymous = storescu("127.0.0.1", scp.port, [CHEST_DIR / "test2.dcm"], calling_ae="MODALITY",
+                             called_ae="CXRSR", extra_args=("+tla", "+cf", str(pki / "ca.pem")))
+        with_cert = storescu("127.0.0.1", scp.port, [CHEST_DIR / "test1.dcm"], calling_ae="MODALITY",
+                             called_ae="CXRSR",
+                             extra_args=("+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf",
+                                         str(pki / "ca.pem")))
+        stored = incoming_files(scp)
+    assert anonymous.returncode != 0
+    assert with_cert.returncode == 0, with_cert.stdout + with_cert.stderr
+    assert len(stored) == 1
+
+
+def test_tls_settings_are_checked(tmp_path, pki):
+    with pytest.raises(ConfigError, match="tls_cert and tls_key: set both"):
+        load_config(environ={}, flags={"tls_cert": pki / "server.pem"})
+    with pytest.raises(ConfigError, match="tls_key: file .* does not exist"):
+        load_config(environ={}, flags={"tls_cert": pki / "server.pem", "tls_key": tmp_path / "nope.key"})
