@@ -78,7 +78,8 @@ def serve(config_file: Path | None, allow: tuple[str, ...], **flags: Any) -> Non
               help="What this worker consumes: gpu (process jobs; loads the model), send (C-STORE to the "
                    "destination; no torch), or gpu,send.")
 @config_option
-@spool_option
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path),
+              help="The node's spool on shared storage (each message names its spool; this one is checked at start).")
 @device_option
 @checkpoint_option
 @broker_option
@@ -93,8 +94,10 @@ def worker(config_file: Path | None, queues: str, **flags: Any) -> None:
         raise click.BadParameter(f"expected gpu, send or gpu,send, got {queues!r}", param_hint="--queues")
     cfg = _config(config_file, **flags)
     configure_logging(cfg.log_level, json=cfg.log_json)
-    from cxr_sr_node.queue import run_worker
-
+    try:
+        from cxr_sr_node.queue import run_worker
+    except ImportError as exc:
+        raise click.ClickException(f"the worker needs Celery ({exc}): pip install 'cxr-sr-node[queue]'") from None
     try:
         sys.exit(run_worker(cfg, names))
     except (RuntimeError, OSError) as exc:

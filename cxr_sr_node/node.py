@@ -48,7 +48,8 @@ def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
     files = sorted((spool.job_dir(job.job_id, "sending") / "out").glob("*.dcm"))
     peer = destination(config, job.calling_ae)
     if peer is None:
-        spool.finish_sending(job.job_id, {"peer": None, "sent": 0, "note": "no destination configured; output kept in done/"})
+        spool.finish_sending(job.job_id, {"peer": None, "sent": 0, "note": "no destination configured; output kept in done/"},
+                             attempt=job.send_attempts)
         log.info("send.skipped", job_id=job.job_id, reason="no destination configured", files=len(files))
         return "skipped"
     started = time.perf_counter()
@@ -56,11 +57,12 @@ def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
         result = send_files(peer, files, calling_ae=config.ae_title, timeout_s=config.dimse_timeout_s,
                             max_pdu=config.max_pdu)
     except (SendError, OSError) as exc:
-        state = spool.fail_attempt(job.job_id, stage="send", reason=str(exc),
-                                   max_attempts=config.send_retries + 1, backoff_s=config.send_backoff_s)
+        state = spool.fail_attempt(job.job_id, stage="send", reason=str(exc), max_attempts=config.send_retries + 1,
+                                   backoff_s=config.send_backoff_s, attempt=job.send_attempts)
         log.warning("send.failed", job_id=job.job_id, peer=str(peer), reason=str(exc), attempt=job.send_attempts, state=state)
         return "failed" if state == "failed" else "retry"
-    spool.finish_sending(job.job_id, {"peer": result.peer, "sent": result.sent, "statuses": result.statuses})
+    spool.finish_sending(job.job_id, {"peer": result.peer, "sent": result.sent, "statuses": result.statuses},
+                         attempt=job.send_attempts)
     log.info("send.finished", job_id=job.job_id, peer=result.peer, sent=result.sent,
              elapsed_s=round(time.perf_counter() - started, 3))
     return "ok"
@@ -83,8 +85,10 @@ class Node:
         self._published: dict[tuple[str, str], float] = {}
         self._broker_ok: bool | None = None
         if config.runner == "celery":
-            from cxr_sr_node.queue import Publisher  # celery is imported only for this runner
-
+            try:
+                from cxr_sr_node.queue import Publisher  # celery is imported only for this runner
+            except ImportError as exc:
+                raise RuntimeError(f"runner celery needs Celery ({exc}): pip install 'cxr-sr-node[queue]'") from None
             self.queue = Publisher(config)
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ class Node:
                     log.info("job.created", job_id=job_id, series_instance_uid=job.series_uid,
                              study_instance_uid=job.study_uid, calling_ae=job.calling_ae)
                     created.append(job_id)
-                    if self.queue is not None:
+                    if self.queue is not None and self._broker_ok is not False:  # else the reconciler will
                         self._publish("process", job_id)
         return created
 
@@ -213,21 +217,26 @@ class Node:
         try:
             waiting = self.queue.declare()
         except Exception as exc:  # noqa: BLE001 - any broker/network error: keep receiving, retry later
-            if self._broker_ok is not False:
-                log.warning("queue.unavailable", reason=f"{type(exc).__name__}: {exc}")
-            self._broker_ok = False
+            self._set_broker_ok(False, f"{type(exc).__name__}: {exc}")
             return None
-        self._broker_ok = True
+        self._set_broker_ok(True)
         return waiting
+
+    def _set_broker_ok(self, ok: bool, reason: str = "") -> None:
+        if ok and self._broker_ok is False:
+            log.info("queue.available", counts=self.spool.counts())
+        elif not ok and self._broker_ok is not False:
+            log.warning("queue.unavailable", reason=reason, note="jobs wait in the spool until the broker is back")
+        self._broker_ok = ok
 
     def _publish(self, stage: str, job_id: str, *, why: str = "created") -> bool:
         try:
             self.queue.publish(stage, job_id)
         except Exception as exc:  # noqa: BLE001 - the job stays in the spool; the reconciler retries
-            self._broker_ok = False
             log.warning("queue.publish_failed", job_id=job_id, stage=stage, reason=f"{type(exc).__name__}: {exc}")
+            self._set_broker_ok(False, f"{type(exc).__name__}: {exc}")
             return False
-        self._broker_ok = True
+        self._set_broker_ok(True)
         self._published[(job_id, stage)] = time.time()
         log.debug("queue.published", job_id=job_id, stage=stage, why=why)
         return True

@@ -53,8 +53,10 @@ not sit on NFS/SMB. The compose file (one host, several GPUs, a shared volume) m
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -170,8 +172,8 @@ def publish(app: Any, stage: str, job_id: str, uri: str, *, countdown: float | N
 
 
 def declare(app: Any, *, timeout_s: float = 5.0) -> dict[str, int]:
-    """Declare exchanges and queues (idempotent); returns the messages waiting in each work queue
-    (ready, not counting those a worker holds)."""
+    """Declare exchanges and queues (idempotent); returns the messages waiting in each queue
+    (``gpu``, ``send``, ``dead``; ready ones, not those a worker holds)."""
     waiting = {}
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout_s)
@@ -180,7 +182,7 @@ def declare(app: Any, *, timeout_s: float = 5.0) -> dict[str, int]:
             bound = queue.bind(channel)
             bound.declare()  # exchange, queue, binding
             _, waiting[queue.name], _ = bound.queue_declare(passive=True)
-    return {name: waiting[name] for name in WORK_QUEUES}
+    return waiting
 
 
 class Publisher:
@@ -249,7 +251,7 @@ class WorkerState:
         """Claim the job, derive its outputs like ``worker.run_one``, then publish ``send``."""
         from celery.exceptions import Reject
 
-        from cxr_sr_node.worker import process_job
+        from cxr_sr_node.worker import run_claimed
 
         cfg = self.config
         spool, before = self._open("process", job_id, uri)
@@ -263,25 +265,14 @@ class WorkerState:
                 raise Reject(after.reason, requeue=False)
             log.info("task.duplicate", task="process", job_id=job_id, state=after.state, redelivered=redelivered)
             return "duplicate"
-        log.info("job.started", job_id=job.job_id, series_instance_uid=job.series_uid, attempt=job.attempts)
-        try:
-            result = process_job(job.job_id, spool, engine)
-        except Exception as exc:  # noqa: BLE001 - recorded on the job; retried, then dead-lettered
-            reason = f"{type(exc).__name__}: {exc}"
-            state = spool.fail_attempt(job.job_id, stage="process", reason=reason, max_attempts=cfg.max_attempts,
-                                       backoff_s=cfg.send_backoff_s)
-            log.error("job.failed", job_id=job.job_id, reason=reason, state=state)
-            if state == "failed":
-                raise Reject(reason, requeue=False) from None
+        state, result = run_claimed(job, spool, engine, cfg)
+        if state == "failed":
+            raise Reject(spool.get(job.job_id).reason, requeue=False)
+        if state == "ready":  # retry after the backoff the spool set
             self._publish_next(app, "process", spool, job.job_id, uri)
-            return state
-        spool.finish_processing(job.job_id, result, has_output=bool(result["processed"]))
-        log.info("job.finished", job_id=job.job_id, series_instance_uid=job.series_uid,
-                 processed=len(result["processed"]), skipped=len(result["skipped"]), elapsed_s=result["elapsed_s"],
-                 model_sha256=engine.model.sha256[:12])
-        if result["processed"]:
+        elif state == "processed" and result["processed"]:
             self._publish_next(app, "send", spool, job.job_id, uri)
-        return "processed"
+        return state
 
     def send(self, job_id: str, uri: str, *, redelivered: bool, app: Any) -> str:
         """One send attempt, as the embedded sender makes it (``node.send_job``)."""
@@ -331,6 +322,8 @@ def run_worker(config: NodeConfig, queues: tuple[str, ...]) -> int:
 
     def keep_our_logging(**_: Any) -> None:  # a receiver here stops Celery from configuring logging
         configure_logging(config.log_level, json=config.log_json)
+        # Celery's own INFO lines repeat our job events; keep its warnings and errors
+        logging.getLogger("celery").setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
 
     name = f"{'+'.join(queues)}.{os.getpid()}@{socket.gethostname()}"
 
@@ -341,6 +334,9 @@ def run_worker(config: NodeConfig, queues: tuple[str, ...]) -> int:
     signals.worker_ready.connect(announce_ready, weak=False)
     log.info("worker.started", pid=os.getpid(), queues=list(queues), nodename=name, spool=str(config.spool),
              cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if not (Path(config.spool) / "jobs.sqlite").is_file():  # messages name their spool; this is a hint
+        log.warning("spool.missing", spool=str(config.spool),
+                    note="no job table there: is the node's shared spool mounted at the same path?")
     app = make_app(config)
     if GPU_QUEUE in queues:
         app.cxr_state.load_engine()
@@ -349,7 +345,7 @@ def run_worker(config: NodeConfig, queues: tuple[str, ...]) -> int:
                         prefetch_multiplier=1, loglevel=config.log_level.upper(), quiet=True,
                         without_gossip=True, without_mingle=True, without_heartbeat=True)
     worker.start()
-    log.info("worker.stopped", pid=os.getpid(), exitcode=worker.exitcode)
+    log.info("worker.stopped", pid=os.getpid(), exitcode=worker.exitcode, torch_loaded="torch" in sys.modules)
     return worker.exitcode or 0
 
 

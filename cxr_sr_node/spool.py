@@ -88,6 +88,10 @@ def safe_name(uid: str) -> str:
     return cleaned[:128] or "unknown"
 
 
+class LeaseLost(RuntimeError):
+    """A worker tried to record the outcome of a job it no longer holds (its lease was taken over)."""
+
+
 @dataclass(frozen=True)
 class Job:
     job_id: str
@@ -296,8 +300,8 @@ class Spool:
         now = time.time()
         with self._tx() as db:
             row = db.execute(
-                f"SELECT * FROM jobs WHERE (state = ? AND not_before <= ?) OR (state = ? AND lease_until < ?)"
-                f" ORDER BY created LIMIT 1",
+                "SELECT * FROM jobs WHERE (state = ? AND not_before <= ?) OR (state = ? AND lease_until < ?)"
+                " ORDER BY created LIMIT 1",
                 (waiting, now, active, now),
             ).fetchone()
             if row is None:
@@ -370,42 +374,61 @@ class Spool:
             return None
         return self.get(job_id)
 
-    def _set(self, job_id: str, **values: Any) -> None:
+    def _set(self, job_id: str, *, fence: tuple[str, str, int] | None = None, **values: Any) -> None:
+        """Update a job row. ``fence = (state, counter, attempt)``: only if the job is still in that
+        state at that attempt, i.e. the caller still holds its lease; else :class:`LeaseLost`."""
         values["updated"] = time.time()
         if "result" in values:
             values["result"] = json.dumps(values["result"])
         cols = ", ".join(f"{k} = ?" for k in values)
+        where, args = "job_id = ?", [job_id]
+        if fence is not None:
+            where += f" AND state = ? AND {fence[1]} = ?"
+            args += [fence[0], fence[2]]
         with self._tx() as db:
-            db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*values.values(), job_id))
+            changed = db.execute(f"UPDATE jobs SET {cols} WHERE {where}", (*values.values(), *args)).rowcount
+        if fence is not None and changed == 0:
+            raise LeaseLost(f"job {job_id} is no longer {fence[0]} at attempt {fence[2]}: another worker took it over")
 
-    def finish_processing(self, job_id: str, result: dict[str, Any], *, has_output: bool) -> None:
-        """Processing succeeded: ``outgoing`` when there is something to send, else ``done``."""
+    @staticmethod
+    def _fence(stage: str, attempt: int | None) -> tuple[str, str, int] | None:
+        if attempt is None:
+            return None
+        return ("running", "attempts", attempt) if stage == "process" else ("sending", "send_attempts", attempt)
+
+    def finish_processing(self, job_id: str, result: dict[str, Any], *, has_output: bool,
+                          attempt: int | None = None) -> None:
+        """Processing succeeded: ``outgoing`` when there is something to send, else ``done``.
+        With ``attempt`` (the claimed job's ``attempts``) it is fenced: see :meth:`_set`."""
         write_atomic(self.job_dir(job_id, "running") / "result.json", json.dumps(result, indent=2).encode())
+        fence = self._fence("process", attempt)
         if has_output:
-            self._set(job_id, state="outgoing", result=result, lease_until=0, not_before=0, reason="")
+            self._set(job_id, fence=fence, state="outgoing", result=result, lease_until=0, not_before=0, reason="")
         else:
-            self._set(job_id, state="done", result=result, lease_until=0, reason="")
+            self._set(job_id, fence=fence, state="done", result=result, lease_until=0, reason="")
             self._move(job_id, "done")
 
-    def fail_attempt(self, job_id: str, *, stage: str, reason: str, max_attempts: int, backoff_s: float) -> str:
+    def fail_attempt(self, job_id: str, *, stage: str, reason: str, max_attempts: int, backoff_s: float,
+                     attempt: int | None = None) -> str:
         """Record a failed attempt; returns the new state (back to waiting with backoff, or failed)."""
         job = self.get(job_id)
         attempts = job.attempts if stage == "process" else job.send_attempts
         waiting = "ready" if stage == "process" else "outgoing"
+        fence = self._fence(stage, attempt)
         if attempts >= max_attempts:
-            self._set(job_id, state="failed", reason=reason, lease_until=0)
+            self._set(job_id, fence=fence, state="failed", reason=reason, lease_until=0)
             self._move(job_id, "failed")
             self._write_reason(job_id)
             return "failed"
         delay = backoff_s * (2 ** (attempts - 1))
-        self._set(job_id, state=waiting, reason=reason, lease_until=0, not_before=time.time() + delay)
+        self._set(job_id, fence=fence, state=waiting, reason=reason, lease_until=0, not_before=time.time() + delay)
         return waiting
 
-    def finish_sending(self, job_id: str, result: dict[str, Any]) -> None:
+    def finish_sending(self, job_id: str, result: dict[str, Any], *, attempt: int | None = None) -> None:
         job = self.get(job_id)
         merged = {**job.result, "send": result}
         write_atomic(self.job_dir(job_id, "sending") / "result.json", json.dumps(merged, indent=2).encode())
-        self._set(job_id, state="done", result=merged, lease_until=0, reason="")
+        self._set(job_id, fence=self._fence("send", attempt), state="done", result=merged, lease_until=0, reason="")
         self._move(job_id, "done")
 
     def retry(self, job_id: str) -> str:

@@ -26,7 +26,7 @@ from cxr_sr_node.config import NodeConfig
 from cxr_sr_node.derive import DeriveError, ModelInfo, NodeInfo, derive, derived_uid, write_dataset
 from cxr_sr_node.eligibility import check
 from cxr_sr_node.logs import configure_logging, get_logger
-from cxr_sr_node.spool import Spool, safe_name
+from cxr_sr_node.spool import Job, LeaseLost, Spool, safe_name
 
 log = get_logger("cxr_sr_node.worker")
 
@@ -126,24 +126,37 @@ def process_job(job_id: str, spool: Spool, engine: Engine) -> dict[str, Any]:
     return result
 
 
+def run_claimed(job: Job, spool: Spool, engine: Engine, config: NodeConfig) -> tuple[str, dict[str, Any] | None]:
+    """Process a job this worker has claimed and record the outcome, fenced by the claim's attempt
+    number. Returns ``("processed", result)``, ``("ready", None)`` (failed; retried after a
+    backoff), ``("failed", None)`` (dead-lettered) or ``("lease_lost", None)`` (another worker took
+    the job over meanwhile; nothing was recorded). The embedded worker and the Celery task share it."""
+    log.info("job.started", job_id=job.job_id, series_instance_uid=job.series_uid, attempt=job.attempts)
+    try:
+        try:
+            result = process_job(job.job_id, spool, engine)
+        except Exception as exc:  # noqa: BLE001 - recorded on the job; retried, then dead-lettered
+            reason = f"{type(exc).__name__}: {exc}"
+            state = spool.fail_attempt(job.job_id, stage="process", reason=reason, max_attempts=config.max_attempts,
+                                       backoff_s=config.send_backoff_s, attempt=job.attempts)
+            log.error("job.failed", job_id=job.job_id, reason=reason, state=state)
+            return state, None
+        spool.finish_processing(job.job_id, result, has_output=bool(result["processed"]), attempt=job.attempts)
+    except LeaseLost as lost:
+        log.warning("job.lease_lost", job_id=job.job_id, attempt=job.attempts, reason=str(lost))
+        return "lease_lost", None
+    log.info("job.finished", job_id=job.job_id, series_instance_uid=job.series_uid,
+             processed=len(result["processed"]), skipped=len(result["skipped"]), elapsed_s=result["elapsed_s"],
+             model_sha256=engine.model.sha256[:12])
+    return "processed", result
+
+
 def run_one(spool: Spool, engine: Engine, config: NodeConfig) -> bool:
     """Claim and process one job; returns False when there was nothing to do."""
     job = spool.claim(stage="process", lease_s=config.lease_s, max_attempts=config.max_attempts)
     if job is None:
         return False
-    log.info("job.started", job_id=job.job_id, series_instance_uid=job.series_uid, attempt=job.attempts)
-    try:
-        result = process_job(job.job_id, spool, engine)
-    except Exception as exc:  # noqa: BLE001 - recorded on the job; retried, then dead-lettered
-        reason = f"{type(exc).__name__}: {exc}"
-        state = spool.fail_attempt(job.job_id, stage="process", reason=reason, max_attempts=config.max_attempts,
-                                   backoff_s=config.send_backoff_s)
-        log.error("job.failed", job_id=job.job_id, reason=reason, state=state)
-        return True
-    spool.finish_processing(job.job_id, result, has_output=bool(result["processed"]))
-    log.info("job.finished", job_id=job.job_id, series_instance_uid=job.series_uid,
-             processed=len(result["processed"]), skipped=len(result["skipped"]), elapsed_s=result["elapsed_s"],
-             model_sha256=engine.model.sha256[:12])
+    run_claimed(job, spool, engine, config)
     return True
 
 

@@ -40,14 +40,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-@pytest.fixture
-def broker_url(rabbitmq) -> str:
-    """A fresh vhost on the session's broker: this test's queues and messages only."""
-    vhost = f"test-{uuid.uuid4().hex[:8]}"
+def add_vhost(rabbitmq, vhost: str) -> str:
     for args in (("add_vhost", vhost), ("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")):
         result = rabbitmq.rabbitmqctl(*args)
         assert result.returncode == 0, result.stdout + result.stderr
     return f"amqp://guest:guest@{rabbitmq.host}:{rabbitmq.port}/{vhost}"
+
+
+@pytest.fixture
+def broker_url(rabbitmq) -> str:
+    """A fresh vhost on the session's broker: this test's queues and messages only."""
+    return add_vhost(rabbitmq, f"test-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
@@ -71,9 +74,10 @@ class WorkerProcess:
 
     def wait_for(self, name: str, deadline_s: float, **fields) -> dict:
         def found():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            exited = self.proc.poll() is not None  # read before the log: an exit cannot race the read
             hits = [e for e in self.events(name) if all(e.get(k) == v for k, v in fields.items())]
+            if not hits and exited:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
             return hits[-1] if hits else None
 
         try:
@@ -191,6 +195,33 @@ def test_gpu_worker_killed_mid_job_the_job_finishes_once(tmp_path, dcmtk, tiny_c
     assert storescp.receptions() >= len(files)
 
 
+# --- SIGTERM finishes the current job; the send queue has its own torch-free worker --------------
+
+def test_sigterm_finishes_the_job_and_a_send_worker_delivers_it_without_torch(tmp_path, dcmtk, tiny_checkpoint,
+                                                                              broker_url):
+    storescp = dcmtk
+    files = series_of(CHEST_DIR / "test2.dcm", tmp_path / "send", 2)
+    cfg = node_config(tmp_path, tiny_checkpoint, dest=f"{storescp.ae}@127.0.0.1:{storescp.port}",
+                      runner="celery", broker_url=broker_url)
+    with running_node(cfg) as node:
+        with celery_worker(cfg, tmp_path / "gpu.log", queues="gpu") as gpu:
+            assert storescu("127.0.0.1", cfg.port, files, calling_ae="MODALITY", called_ae="CXRSR").returncode == 0
+            started = gpu.wait_for("job.started", 120)
+            gpu.proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown: the job in hand is finished
+            assert gpu.proc.wait(120) == 0, gpu.log_tail()
+        job = node.spool.get(started["job_id"])
+        assert job.state == "outgoing" and job.attempts == 1, job
+        assert gpu.events("job.finished")[0]["processed"] == len(files)
+        with celery_worker(cfg, tmp_path / "send.log", queues="send") as sender:
+            sender.wait_for("send.finished", 60, job_id=job.job_id)
+            storescp.wait_for_files(len(files), 30)
+        assert node.spool.get(job.job_id).state == "done"
+    assert sender.proc.returncode == 0
+    assert sender.wait_for("worker.stopped", 5)["torch_loaded"] is False
+    assert gpu.wait_for("worker.stopped", 5)["torch_loaded"] is True
+    assert sorted(received_uids(storescp)) == sorted(expected_outputs(files, tiny_checkpoint))
+
+
 # --- 3. duplicate delivery -----------------------------------------------------------------------
 
 def test_duplicate_messages_for_a_finished_job_do_nothing(tmp_path, dcmtk, tiny_checkpoint, broker_url):
@@ -222,34 +253,106 @@ def test_duplicate_messages_for_a_finished_job_do_nothing(tmp_path, dcmtk, tiny_
     assert len(worker.events("job.started")) == 1 and len(worker.events("send.finished")) == 1
 
 
-# --- the spool is the truth: a lost message is re-published --------------------------------------
+# --- the deploy's Orthanc auto-routing, with the real Orthanc ------------------------------------
 
-def test_reconciler_republishes_a_job_whose_message_was_lost(tmp_path, tiny_checkpoint, broker_url):
-    """No worker runs; the broker loses the job's message (purged); the reconciler publishes it
-    again once the job has waited with its queue empty."""
+def test_orthanc_autoroute_script_routes_cr_and_never_our_output(tmp_path, tiny_checkpoint, broker_url):
+    """deploy/orthanc/autoroute.lua in a real Orthanc: a stable CR series goes to CXRSR, comes back
+    derived through the celery runner, and the derived series is not routed again; a CT is not routed."""
+    from tests.dicom_helpers import OTHER_DIR
+    from tests.peers import free_port, orthanc_server
+
+    try:
+        require_binary("Orthanc", "orthanc")
+    except PeerMissing as exc:
+        pytest.skip(str(exc))
+    port = free_port()
+    lua = {"LuaScripts": [str(ROOT / "deploy" / "orthanc" / "autoroute.lua")], "StableAge": 1}
+    with orthanc_server(tmp_path / "orthanc", node_port=port, extra_config=lua) as orthanc:
+        cfg = node_config(tmp_path, tiny_checkpoint, port=port, runner="celery", broker_url=broker_url,
+                          dest=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", allow=(orthanc.aet,))
+        with running_node(cfg) as node, celery_worker(cfg, tmp_path / "worker.log"):
+            orthanc.upload(with_new_uids(OTHER_DIR / "CT_small.dcm", tmp_path / "ct.dcm"))
+            src = with_new_uids(CHEST_DIR / "CR-MONO1-10-chest.dcm", tmp_path / "cr.dcm")
+            uploaded = orthanc.upload(src)
+            (job,) = wait_for_jobs_done(node, 1, deadline_s=120)
+            assert job.state == "done" and job.calling_ae == orthanc.aet, job.reason
+            study_uid = str(pydicom.dcmread(src, force=True).StudyInstanceUID)
+            series = wait_until(lambda: (found := orthanc.find_series(study_uid)) and len(found) == 2 and found,
+                                30, "the derived series in Orthanc's study")
+            derived = [x for x in series if "SR x4 (CSAEGAN)" in x["MainDicomTags"].get("SeriesDescription", "")]
+            assert len(derived) == 1 and derived[0]["ParentStudy"] == uploaded["ParentStudy"]
+            wait_until(lambda: f"not routing series {derived[0]['ID']}" in orthanc.log_path.read_text(errors="replace"),
+                       30, "Orthanc's Lua to decline our own output")
+            assert [j.job_id for j in node.spool.jobs()] == [job.job_id]  # neither the CT nor the loop
+
+
+# --- the spool is the truth: what the broker never got or lost is published again -------------
+
+def stage_instance(spool, name: str = "CR-MONO1-10-chest.dcm") -> None:
+    """An acknowledged instance in incoming/, as the SCP leaves it."""
+    ds = pydicom.dcmread(CHEST_DIR / name, force=True)
+    staged = spool.tmp_dir / f"{uuid.uuid4().hex}.dcm"
+    staged.write_bytes((CHEST_DIR / name).read_bytes())
+    spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                          sop_uid=ds.SOPInstanceUID, calling_ae="MODALITY", address="127.0.0.1")
+
+
+def test_reconciler_publishes_jobs_the_broker_never_got_or_lost(tmp_path, tiny_checkpoint, rabbitmq):
+    """No worker runs. The broker refuses the node at first (its vhost does not exist yet): the
+    job waits in the spool and the node keeps receiving. Once the broker accepts, the reconciler
+    publishes it; when the broker then loses the message (purged), it publishes it again."""
     from cxr_sr_node.queue import GPU_QUEUE, Publisher
     from cxr_sr_node.spool import Spool
 
-    cfg = node_config(tmp_path, tiny_checkpoint, runner="celery", broker_url=broker_url)
+    vhost = f"late-{uuid.uuid4().hex[:8]}"
+    url = f"amqp://guest:guest@{rabbitmq.host}:{rabbitmq.port}/{vhost}"
+    cfg = node_config(tmp_path, tiny_checkpoint, runner="celery", broker_url=url)
     spool = Spool(cfg.spool)
-    src = CHEST_DIR / "CR-MONO1-10-chest.dcm"
-    ds = pydicom.dcmread(src, force=True)
-    staged = spool.tmp_dir / "x.dcm"
-    staged.write_bytes(src.read_bytes())
-    spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-                          sop_uid=ds.SOPInstanceUID, calling_ae="MODALITY", address="127.0.0.1")
-    probe = Publisher(cfg)
-    try:
-        with running_node(cfg) as node:
-            node.reconcile_interval_s = 1.0
-            wait_until(lambda: spool.jobs("ready"), 30, "the job to be created")
-            wait_until(lambda: probe.declare()[GPU_QUEUE] == 1, 10, "its process message in the gpu queue")
+    stage_instance(spool)
+    with running_node(cfg) as node:
+        node.reconcile_interval_s = 1.0
+        (job,) = wait_until(lambda: spool.jobs("ready"), 30, "the job to be created")
+        assert node.health()[1]["broker_ok"] is False
+        add_vhost(rabbitmq, vhost)  # the broker is back
+        probe = Publisher(cfg)
+        try:
+            wait_until(lambda: probe.declare()[GPU_QUEUE] == 1, 30, "the job's process message")
+            assert node.health()[1]["broker_ok"] is True
             with probe.app.connection_for_write() as conn:  # the broker loses it
                 assert conn.default_channel.queue_purge(GPU_QUEUE) == 1
             wait_until(lambda: probe.declare()[GPU_QUEUE] == 1, 30, "the message to be published again")
-            assert spool.jobs("ready")[0].job_id == spool.jobs()[0].job_id
-    finally:
-        probe.close()
+        finally:
+            probe.close()
+    assert spool.get(job.job_id).state == "ready"
+
+
+def test_failing_job_is_retried_then_dead_lettered(tmp_path, tiny_checkpoint, broker_url):
+    """process_job raises on every attempt: each failure is recorded, re-published after its
+    backoff (a Celery countdown), and after max_attempts the job is in failed/ and its message in
+    the dead-letter queue. A message for a job no spool knows goes there too."""
+    from cxr_sr_node.queue import DEAD_QUEUE, Publisher
+    from cxr_sr_node.spool import Spool
+
+    cfg = node_config(tmp_path, tiny_checkpoint, runner="celery", broker_url=broker_url, max_attempts=3)
+    spool = Spool(cfg.spool)
+    stage_instance(spool)
+    with running_node(cfg):
+        (job,) = wait_until(lambda: spool.jobs("ready"), 30, "the job to be created")
+        (cfg.spool / "jobs" / job.job_id / "out").write_bytes(b"")  # out/ cannot be made: every attempt fails
+        probe = Publisher(cfg)
+        try:
+            probe.publish("process", "20000101T000000-00000000")
+            with celery_worker(cfg, tmp_path / "worker.log", queues="gpu") as worker:
+                worker.wait_for("task.rejected", 60, job_id="20000101T000000-00000000")
+                wait_until(lambda: spool.get(job.job_id).state == "failed", 60, "the job to be dead-lettered")
+                wait_until(lambda: probe.declare()[DEAD_QUEUE] == 2, 10, "two messages in the dead-letter queue")
+                failures = worker.events("job.failed")
+        finally:
+            probe.close()
+    failed = spool.get(job.job_id)
+    assert failed.attempts == 3 and "FileExistsError" in failed.reason
+    assert [f["state"] for f in failures] == ["ready", "ready", "failed"]
+    assert json.loads((cfg.spool / "failed" / job.job_id / "reason.json").read_text())["reason"] == failed.reason
 
 
 # --- 4. configuration and the spool's claim_job (no broker needed) -------------------------------
@@ -319,7 +422,7 @@ def test_claim_job_takes_one_job_like_claim_takes_the_oldest(tmp_path):
     assert spool.claim_job(older, stage="process", lease_s=60, max_attempts=2) is None  # backing off
     spool._set(older, not_before=0)
     assert spool.claim_job(older, stage="process", lease_s=0.05, max_attempts=2).attempts == 2
-    time.sleep(0.1)
+    wait_until(lambda: spool.get(older).lease_until < time.time(), 5, "the lease to expire")
     assert spool.claim_job(older, stage="process", lease_s=60, max_attempts=2) is None
     failed = spool.get(older)
     assert failed.state == "failed" and failed.reason == "boom"

@@ -139,3 +139,22 @@ def test_counts(tmp_path):
     receive(spool, tmp_path, CHEST / "test2.dcm")
     counts = spool.counts()
     assert counts["ready"] == 1 and counts["incoming_series"] == 1 and counts["failed"] == 0
+
+
+def test_outcome_of_a_taken_over_job_is_not_recorded(tmp_path):
+    """A worker whose lease expired and was taken over cannot overwrite the new holder's state."""
+    from cxr_sr_node.spool import LeaseLost
+
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    first = spool.claim(stage="process", lease_s=0.0, max_attempts=3)
+    time.sleep(0.01)
+    second = spool.claim(stage="process", lease_s=60, max_attempts=3)  # took it over
+    assert (first.attempts, second.attempts) == (1, 2)
+    with pytest.raises(LeaseLost, match="another worker took it over"):
+        spool.finish_processing(job_id, {"processed": [], "skipped": []}, has_output=False, attempt=first.attempts)
+    with pytest.raises(LeaseLost):
+        spool.fail_attempt(job_id, stage="process", reason="x", max_attempts=3, backoff_s=0, attempt=first.attempts)
+    assert spool.get(job_id).state == "running"
+    spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True, attempt=second.attempts)
+    assert spool.get(job_id).state == "outgoing"
