@@ -35,6 +35,12 @@ def _require(name: str, package: str) -> None:
 
 
 @pytest.fixture
+def dcmtk() -> None:
+    """Skip unless dcmtk's command-line tools are installed."""
+    _require("storescu", "dcmtk")
+
+
+@pytest.fixture
 def storescp(tmp_path) -> Iterator[StoreSCP]:
     _require("storescp", "dcmtk")
     with dcmtk_storescp(tmp_path / "storescp", log_dir=tmp_path) as scp:
@@ -59,3 +65,15 @@ def rabbitmq(tmp_path_factory) -> Iterator[RabbitMQServer]:
     _require("rabbitmq-server", "rabbitmq-server")
     with rabbitmq_server(tmp_path_factory.mktemp("rabbitmq")) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny nets gain nothing from threads, and on a busy 2-core machine OpenMP threads contend
+    (seconds instead of milliseconds); results do not depend on it. torch is imported only here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,15 +11,7 @@ from model.arch import CSA, PAPER, ArchConfig, Generator, count_parameters, macs
 TINY = ArchConfig(num_blocks=1, num_feat=8, num_grow=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny nets gain nothing from threads, and on a busy 2-core machine OpenMP threads contend
-    (seconds instead of milliseconds); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def paper_nets() -> dict[str, Generator]:

@@ -27,15 +27,7 @@ TINY = ArchConfig(num_blocks=1, num_feat=8, num_grow=4)
 META = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny nets gain nothing from threads, and on a busy 2-core machine OpenMP threads contend
-    (seconds instead of milliseconds); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _net(seed: int = 0) -> Generator:
     torch.manual_seed(seed)

@@ -65,8 +65,8 @@ def test_status_counts_json(tmp_path):
 
 
 def test_healthz_and_metrics(tmp_path, storescp):
-    from tests.peers import storescu
     from tests.dicom_helpers import CHEST_DIR
+    from tests.peers import storescu
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
     http = free_port()

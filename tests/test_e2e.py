@@ -21,22 +21,14 @@ from cxr_sr_node.eligibility import SERIES_MARKER
 from model.checkpoint import read_card
 from tests.dicom_helpers import CHEST_DIR, OTHER_DIR, bicubic_upscale
 from tests.nodes import make_tiny_checkpoint, node_config, running_node, wait_for_jobs_done, with_new_uids
-from tests.peers import PeerMissing, require_binary, storescu, wait_until
+from tests.peers import storescu, wait_until
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("dcmtk")]
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-
-
-@pytest.fixture(autouse=True)
-def _need_dcmtk():
-    try:
-        require_binary("storescu", "dcmtk")
-    except PeerMissing as exc:
-        pytest.skip(str(exc))
 
 
 def derived_file(storescp, source: pydicom.Dataset, checkpoint: Path) -> Path:

@@ -23,15 +23,7 @@ TINY = ArchConfig(num_blocks=1, num_feat=8, num_grow=4, global_skip=True)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny nets gain nothing from threads, and on a busy 2-core machine OpenMP threads contend
-    (seconds instead of milliseconds); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def trained_like(attention: str) -> Generator:
     """A 2-block net whose body, attention and last conv all matter, like a trained one: ESRGAN's

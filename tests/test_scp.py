@@ -20,18 +20,12 @@ from cxr_sr_node import statuses
 from cxr_sr_node.config import load_config
 from cxr_sr_node.scp import SeriesTracker, StorageSCP
 from cxr_sr_node.spool import Spool
-from tests.peers import PeerMissing, echoscu, free_port, require_binary, storescu, wait_until
+from tests.peers import echoscu, free_port, storescu, wait_until
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 
 
-@pytest.fixture(autouse=True)
-def _need_dcmtk():
-    try:
-        require_binary("storescu", "dcmtk")
-    except PeerMissing as exc:
-        pytest.skip(str(exc))
-
+pytestmark = pytest.mark.usefixtures("dcmtk")
 
 @contextmanager
 def running_scp(tmp_path: Path, **settings) -> Iterator[StorageSCP]:

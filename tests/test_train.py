@@ -25,17 +25,7 @@ NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "nih
 REPO = Path(__file__).resolve().parents[1]
 CROP = 256
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny nets gain nothing from threads, and on a busy 2-core machine OpenMP threads contend
-    (seconds instead of milliseconds); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
