@@ -103,6 +103,10 @@ class NodeConfig:
     tls_ca: Path | None = None  # PEM CA bundle: when set, callers must present a certificate it signed
     max_instance_mb: int = 1024
     min_free_disk_mb: int = 1024
+    # Accept every storage SOP Class, private and unknown ones too (pynetdicom's unrestricted storage
+    # service: the SCU's first proposed transfer syntax is taken); they are stored and skipped. Off:
+    # only the standard storage classes are negotiated, each with every decodable transfer syntax.
+    accept_any_sop_class: bool = True
     reject_ineligible: bool = False
     require_body_part: bool = False
     # spool and jobs

@@ -160,11 +160,13 @@ class StorageSCP:
 
     def start(self) -> None:
         # pynetdicom writes chunked receives with NamedTemporaryFile: put them on the spool's file
-        # system, so accepting one is a rename, not a copy. This process is the node; nothing else
-        # in it relies on the default temporary folder.
-        self._previous_tempdir = tempfile.tempdir
+        # system, so accepting one is a rename, not a copy. These are process-wide settings (the
+        # process is the node); stop() restores them.
+        self._previous_globals = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
+                                  _config.UNRESTRICTED_STORAGE_SERVICE)
         tempfile.tempdir = str(self.spool.tmp_dir)
         _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = self.config.accept_any_sop_class
         self.server = self.ae.start_server(
             (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers(),
             ssl_context=self.tls_context(),
@@ -193,7 +195,8 @@ class StorageSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-            tempfile.tempdir = self._previous_tempdir
+            (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
+             _config.UNRESTRICTED_STORAGE_SERVICE) = self._previous_globals
             log.info("scp.stopped")
 
     # --- handlers --------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ EXPECTED_SKIP = {
     "CT_small.dcm": "modality", "MR_small.dcm": "modality", "MR_small_RLE.dcm": "modality",
     "MR_small_bigendian.dcm": "modality", "MR_small_implicit.dcm": "modality", "JPEG2000.dcm": "modality",
     "JPGExtended.dcm": "modality", "JPEG-LL.dcm": "modality", "emri_small_jpeg_ls_lossless.dcm": "modality",
-    "image_dfl.dcm": "modality", "test-SR.dcm": "modality",
+    "image_dfl.dcm": "modality", "test-SR.dcm": "modality", "genFile.dcm": "modality",
 }
 
 
@@ -153,7 +153,7 @@ def send_as_is(port: int, path: Path) -> int:
 def test_every_shared_file_gives_output_or_the_predicted_skip(tmp_path, storescp, tiny_checkpoint):
     """Each file of ../shared/data/dicom, sent on its own: chest files come back derived (the
     MONOCHROME1 ones displaying the right way round), the others are skipped with the reason the
-    data README predicts. genFile.dcm (private SOP class) is refused at association (test_scp)."""
+    data README predicts (genFile.dcm, with its private SOP Class and no Modality, included)."""
     cfg = node_config(tmp_path, tiny_checkpoint, dest=f"{storescp.ae}@127.0.0.1:{storescp.port}")
     outcomes = {}
     with running_node(cfg) as node:

@@ -83,24 +83,27 @@ def send_as_is(port: int, path: Path, calling_ae: str = "MODALITY") -> int:
 
 def test_every_shared_file_is_received_in_its_own_transfer_syntax(tmp_path):
     """Every real file, compressed or not, chest or not, is stored with 0x0000 (what to process
-    is decided later, by the worker), including the headerless CR; genFile.dcm's private SOP Class
-    is not a storage class we offer, so its association is refused at negotiation."""
+    is decided later, by the worker), including the headerless CR and genFile.dcm with its private
+    SOP Class; with accept_any_sop_class off, the private class is refused at negotiation."""
     files = sorted((DATA / "chest").iterdir()) + sorted((DATA / "other").iterdir())
     with running_scp(tmp_path) as scp:
         results = {f.name: send_as_is(scp.port, f) for f in files}
         stored = incoming_files(scp)
-    assert results.pop("genFile.dcm") == -1
-    assert results == {name: statuses.SUCCESS for name in results}
+    assert results == {f.name: statuses.SUCCESS for f in files}
     # several sample files reuse one SOP Instance UID (test1-6, the MR_small variants): a re-sent
     # instance replaces the earlier copy, as DICOM expects
     unique = {(str(d.StudyInstanceUID), str(d.SeriesInstanceUID), str(d.SOPInstanceUID))
-              for d in (pydicom.dcmread(f, force=True, stop_before_pixels=True) for f in files if f.name != "genFile.dcm")}
+              for d in (pydicom.dcmread(f, force=True, stop_before_pixels=True) for f in files)}
     assert len(stored) == len(unique)
     src = pydicom.dcmread(DATA / "chest" / "RG1_J2KI.dcm")
     (rx,) = [p for p in stored if p.stem == src.SOPInstanceUID]
     rx = pydicom.dcmread(rx)
     assert rx.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID  # JPEG 2000 kept as sent
     assert rx.PixelData == src.PixelData
+
+    with running_scp(tmp_path / "strict", accept_any_sop_class=False) as scp:
+        assert send_as_is(scp.port, DATA / "other" / "genFile.dcm") == -1  # no context accepted
+        assert send_as_is(scp.port, DATA / "chest" / "test1.dcm") == statuses.SUCCESS
 
 
 def test_unknown_calling_ae_is_rejected(tmp_path):
