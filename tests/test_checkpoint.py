@@ -223,3 +223,26 @@ def test_update_card_keeps_weights_untouched(saved):
     x = torch.rand(1, 1, 6, 6)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "model" / "weights"
+SHIPPED = sorted(p for p in WEIGHTS.glob("cxr-sr-*.safetensors"))
+
+
+def test_the_node_default_checkpoint_is_shipped():
+    from model.inference import DEFAULT_CHECKPOINT
+
+    assert Path(DEFAULT_CHECKPOINT).resolve() in [p.resolve() for p in SHIPPED]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_generator_loads_strictly_and_stays_small(path):
+    """Every committed generator: fp16, under 40 MiB (each version stays in the git history), its
+    sha256 matches the card, strict loading passes, and the card says what it was trained on."""
+    assert path.stat().st_size < 40 * 2**20
+    net, card = load_checkpoint(path)
+    assert card.sha256 == _sha(path) and card.dtype == "float16"
+    assert card.iterations > 0 and card.training["train_images"] > 0
+    assert card.degradation["name"] in ("paper", "lowdose") and "NIH" in card.licence
+    assert sum(p.numel() for p in net.parameters()) == card.training["parameters"]
+    assert "val" in card.metrics

@@ -45,13 +45,13 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, data_root: Path, out_dir: Path, *, psnr: dict | None = None, gan: dict | None = None,
-                 extra: str = "") -> Path:
+                 extra: str = "", device: str = "cpu") -> Path:
     def table(name: str, values: dict) -> str:
         return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
     text = (
         f'name = "tiny-test"\nversion = "0.0.1"\nout_dir = {json.dumps(str(out_dir))}\n'
-        'seed = 0\ndevice = "cpu"\nval_every = 1\nsave_every = 1\nlog_every = 1\n'
+        f'seed = 0\ndevice = "{device}"\nval_every = 1\nsave_every = 1\nlog_every = 1\n'
         + extra
         + table("arch", {"attention": "csa", "num_blocks": 1, "num_feat": 8, "num_grow": 4, "global_skip": True})
         + table("data", {"root": str(data_root), "hr_crop": 64, "batch_size": 2})
@@ -123,6 +123,22 @@ def test_stopped_run_resumes_exactly_where_it_stopped(finished_run, data_root, t
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
     assert loss_lines(log)[1]["loss"] == loss_lines(read_log(finished_run))[1]["loss"]
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_amp_stops_and_resumes(data_root, tmp_path):
+    """The paper config trains on CUDA in slices: a stopped bf16 run must resume there (its saved CPU
+    RNG state once came back as a CUDA tensor and the resume failed)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "cuda.toml", data_root, out, extra="amp = true\n", device="cuda"))
+    assert train(cfg, max_minutes=1e-9, progress=False) == out / "state.pt"
+    assert train(cfg, progress=False) == out / "last.safetensors"
+    assert [r["iteration"] for r in loss_lines(read_log(out))] == [1, 2]
+    card = read_card(out / "last.safetensors")
+    assert card.iterations == 2 and card.training["device"].startswith("cuda")
+    assert 25 < card.metrics["val"]["val_psnr_db"] < 60
 
 
 def test_more_iterations_continue_a_finished_run(data_root, tmp_path):

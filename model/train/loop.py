@@ -55,6 +55,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device)
         self.amp = config.amp and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick the fastest kernels
         torch.manual_seed(config.seed)
         root = Path(config.data.root)
         self.train_files = split_files(root, "train")
@@ -138,7 +140,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.best_psnr = state["best_psnr"]
         self.elapsed_s = state["elapsed_s"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to the device; it must be a CPU ByteTensor
         self.sampler.set_state(state["sampler_rng"])
         return True
 
