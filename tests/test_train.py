@@ -125,6 +125,21 @@ def test_stopped_run_resumes_exactly_where_it_stopped(finished_run, data_root, t
     assert loss_lines(log)[1]["loss"] == loss_lines(read_log(finished_run))[1]["loss"]
 
 
+@pytest.mark.slow
+def test_compiled_training_writes_the_same_kind_of_checkpoint(data_root, tmp_path):
+    """compile = true trains through torch.compile (needs a C compiler on CPU); the checkpoint holds
+    the plain module's keys, so it loads strictly like any other."""
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "c.toml", data_root, out, extra="compile = true\n"))
+    assert train(cfg, progress=False) == out / "last.safetensors"
+    assert all(math.isfinite(r["loss"]) for r in loss_lines(read_log(out)))
+    plain = tmp_path / "plain"
+    train(load_config(write_config(tmp_path / "p.toml", data_root, plain)), progress=False)
+    assert load_file(out / "last.safetensors").keys() == load_file(plain / "last.safetensors").keys()
+    net, card = load_checkpoint(out / "last.safetensors")
+    assert card.iterations == 2
+
+
 @pytest.mark.gpu
 def test_cuda_run_with_amp_stops_and_resumes(data_root, tmp_path):
     """The paper config trains on CUDA in slices: a stopped bf16 run must resume there (its saved CPU

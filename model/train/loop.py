@@ -77,6 +77,8 @@ class Trainer:
             self.net.load_state_dict(init.state_dict(), strict=True)
             self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval()
+        # compiled view of the same module: parameters, state_dict and checkpoints stay self.net's
+        self.forward = torch.compile(self.net) if config.compile else self.net
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.psnr.lr, betas=(0.9, 0.99))
@@ -162,7 +164,7 @@ class Trainer:
         gan = self.iteration >= cfg.psnr.iterations
         logs: dict[str, float] = {"lr": lr_now}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            sr = self.net(lr_img)
+            sr = self.forward(lr_img)
         sr = sr.float()
         if not gan:
             loss = self._pixel_loss(sr, hr)
