@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_stopped_run_resumes_exactly_where_it_stopped(finished_run, data_root, t
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler (apt-get install -y gcc g++)")
 def test_compiled_training_writes_the_same_kind_of_checkpoint(data_root, tmp_path):
     """compile = true trains through torch.compile (needs a C compiler on CPU); the checkpoint holds
     the plain module's keys, so it loads strictly like any other."""
