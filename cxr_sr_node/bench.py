@@ -44,8 +44,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,12 +51,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar
 
-HOST = "127.0.0.1"
+from cxr_sr_node import procs
+from cxr_sr_node.procs import HOST, free_port, wait_until
+
 NODE_AE = "CXRSR"
 SCU_AE = "BENCH"
 DCMTK_AE = "STORESCP"
@@ -69,8 +69,6 @@ TARGET_RSS_GROWTH_MIB = 200.0
 CHEST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "chest"
 CHEST_FILES = ("test1.dcm", "test2.dcm", "test3.dcm")
 MIB = 2**20
-
-T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -150,89 +148,16 @@ def node_env(**settings: Any) -> dict[str, str]:
 
 # --- processes and waiting -----------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], T], deadline_s: float, what: str, *, interval_s: float = 0.1) -> T:
-    """Poll ``predicate`` (10 ms, backing off to ``interval_s``) until truthy; TimeoutError names ``what``."""
-    start = time.monotonic()
-    delay = min(0.01, interval_s)
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() - start > deadline_s:
-            raise TimeoutError(f"timed out after {deadline_s:g} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, interval_s)
-
-
 @dataclass
-class Process:
-    """A process in its own session, stdout+stderr to ``log_path``; stopped with SIGTERM, then SIGKILL."""
+class Process(procs.Process):
+    """A benchmark process: failures raise :class:`BenchError`; SIGTERM goes to the leader (the
+    node stops its workers itself) with 60 s before SIGKILL."""
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str]
-    popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=self.env, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        if self.popen is None:
-            raise BenchError(f"{self.name} was not started")
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(no log: {exc})"
-
-    def error(self, what: str) -> BenchError:
-        state = "still running" if self.alive else f"exit status {self.popen.returncode if self.popen else None}"
-        return BenchError(f"{self.name} {what} ({state}); last lines of {self.log_path}:\n{self.log_tail()}")
-
-    def wait_ready(self, predicate: Callable[[], Any], deadline_s: float, what: str) -> None:
-        def ready() -> bool:
-            if not self.alive:
-                raise self.error(f"exited while waiting for {what}")
-            return bool(predicate())
-
-        try:
-            wait_until(ready, deadline_s, f"{self.name}: {what}")
-        except TimeoutError as exc:
-            raise self.error(str(exc)) from None
+    error_type: ClassVar[type[Exception]] = BenchError
+    term_leader_only: bool = True
 
     def stop(self, deadline_s: float = 60.0) -> int | None:
-        """SIGTERM the leader (the node stops its workers itself); SIGKILL the group after the deadline."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=deadline_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # anything left in its group
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        return self.popen.returncode
+        return super().stop(deadline_s)
 
 
 @contextlib.contextmanager

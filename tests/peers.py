@@ -21,32 +21,28 @@ import os
 import pwd
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar
 
 from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-HOST = "127.0.0.1"
+from cxr_sr_node.procs import HOST, Process, free_port, free_ports, port_accepts, wait_until
+
 INSTALL_HINT = "apt-get install -y dcmtk orthanc rabbitmq-server"
 LOG_TAIL_LINES = 60
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
-
-T = TypeVar("T")
-
 
 class PeerMissing(RuntimeError):
     """A peer's binary is not installed; the message names the Debian package."""
@@ -57,34 +53,7 @@ class PeerStartError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Ports and waiting
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it)."""
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: all sockets stay bound until every port is chosen."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, found {n}")
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(n):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def port_accepts(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    """Whether a TCP connection to ``host:port`` succeeds now."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+# Ports and waiting (free_port, free_ports, port_accepts, wait_until and Process: cxr_sr_node.procs)
 
 
 def port_is_bindable(port: int, host: str = "0.0.0.0") -> bool:
@@ -96,30 +65,6 @@ def port_is_bindable(port: int, host: str = "0.0.0.0") -> bool:
         except OSError:
             return False
         return True
-
-
-def wait_until(predicate: Callable[[], T], deadline_s: float, what: str, *, interval_s: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns a truthy value, which is returned.
-
-    Polls start at 10 ms and back off to ``interval_s``. Exceptions from ``predicate`` propagate.
-    Raises :class:`TimeoutError` naming ``what`` once ``deadline_s`` has passed.
-    """
-    if deadline_s <= 0:
-        raise ValueError(f"deadline_s must be > 0, found {deadline_s}")
-    start = time.monotonic()
-    end = start + deadline_s
-    delay = min(0.01, interval_s)
-    while True:
-        result = predicate()
-        if result:
-            return result
-        now = time.monotonic()
-        if now >= end:
-            raise TimeoutError(
-                f"timed out after {now - start:.1f} s (deadline {deadline_s:g} s) waiting for {what}"
-            )
-        time.sleep(min(delay, end - now))
-        delay = min(delay * 2, interval_s)
 
 
 def wait_for_port(host: str, port: int, deadline_s: float) -> None:
@@ -150,56 +95,12 @@ def peer_env(**extra: str) -> dict[str, str]:
 
 
 @dataclass
-class PeerProcess:
-    """One peer process in its own session, logging stdout+stderr to ``log_path``."""
+class PeerProcess(Process):
+    """One peer process in its own session, logging stdout+stderr to ``log_path``; ``stop`` sends
+    SIGTERM to its process group."""
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str]
-    cwd: Path | None = None
-    user: str | None = None
-    popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-
-    def start(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            raise RuntimeError(f"{self.name} is already running (pid {self.popen.pid})")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- {self.name}: {shlex.join(self.argv)}\n".encode())
-            log.flush()
-            kwargs: dict[str, Any] = {}
-            if self.user is not None:
-                kwargs.update(user=self.user, group=pwd.getpwnam(self.user).pw_gid, extra_groups=[])
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
-                **kwargs,
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def error(self, what: str) -> PeerStartError:
-        state = (
-            "still running" if self.alive else f"exit status {self.popen.returncode if self.popen else None}"
-        )
-        return PeerStartError(
-            f"{self.name} {what} ({state}); last {LOG_TAIL_LINES} lines of {self.log_path}:\n{self.log_tail()}"
-        )
+    error_type: ClassVar[type[Exception]] = PeerStartError
+    tail_lines: ClassVar[int] = LOG_TAIL_LINES
 
     def listens_on(self, port: int) -> bool:
         """Whether a process of this peer's process group has a TCP socket listening on ``port``.
@@ -220,34 +121,6 @@ class PeerProcess:
                         if os.readlink(fd) in targets:
                             return True
         return False
-
-    def wait_ready(self, predicate: Callable[[], Any], deadline_s: float, what: str) -> None:
-        """Wait for ``predicate``; fail at once with the log if the process exits meanwhile."""
-
-        def ready() -> bool:
-            if not self.alive:
-                raise self.error(f"exited while waiting for {what}")
-            return bool(predicate())
-
-        try:
-            wait_until(ready, deadline_s, f"{self.name}: {what}")
-        except TimeoutError as exc:
-            raise self.error(str(exc)) from exc
-
-    def stop(self, deadline_s: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL it after ``deadline_s``; reap the leader."""
-        if self.popen is None:
-            return
-        pgid = self.popen.pid  # start_new_session: the leader's pid is the group id
-        if self.popen.poll() is None:
-            _signal_group(pgid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=deadline_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(pgid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-        # Children left in the group after the leader exited (none expected) go too.
-        _signal_group(pgid, signal.SIGKILL)
 
 
 def _listening_socket_inodes(port: int) -> set[str] | None:
@@ -280,11 +153,6 @@ def _process_group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid:
             pids.append(int(entry.name))
     return pids
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 # --------------------------------------------------------------------------------------------------
