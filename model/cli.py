@@ -136,6 +136,25 @@ def eval_cmd(
     click.echo(f"\nwrote {out}/metrics.json, per_image.csv, report.md and crops/")
 
 
+@model_group.command("headroom")
+@click.option("--data", type=click.Path(path_type=Path), default=Path("../shared/data/cxr_png/nih"), show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Default: test/ of a split folder, else every image.")
+@click.option("--degradation", type=click.Choice(["paper", "lowdose"]), default="paper", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def headroom_cmd(data: Path, split: str | None, degradation: str, limit: int | None, as_json: bool) -> None:
+    """Score oracles that know HR (ideal low-passes, Gaussian blurs) against bicubic: how much
+    PSNR/SSIM a super-resolver could still win on these images."""
+    from model.eval.headroom import format_headroom, headroom
+
+    try:
+        result = headroom(data, split=split, degradation=degradation, limit=limit)
+    except _model_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(result, indent=1) if as_json else format_headroom(result))
+
+
 _MODEL_OPTIONS = (
     click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="A .safetensors checkpoint (default: the node's shipped checkpoint)."),

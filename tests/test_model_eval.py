@@ -201,3 +201,29 @@ def test_cli_lpips_options_go_together(data, lpips_files, tmp_path):
     args = ["eval", "--bicubic-only", "--data", str(data), "--lpips-backbone", str(lpips_files[0])]
     result = CliRunner().invoke(model_group, args)
     assert result.exit_code == 2 and "--lpips-backbone and --lpips-linear go together" in result.output
+
+
+def test_band_limit_keeps_the_band_and_removes_the_rest():
+    from model.eval.headroom import band_limit
+
+    y, x = np.mgrid[0:64, 0:64]
+    low = np.cos(2 * np.pi * 4 * x / 64)  # 4 cycles: 0.0625 cycles/px, inside a quarter band
+    high = np.cos(2 * np.pi * 24 * y / 64)  # 0.375 cycles/px: outside a quarter band, inside the full one
+    img = (low + high).astype(np.float32)
+    np.testing.assert_allclose(band_limit(img, 1 / 4), low, atol=1e-5)
+    np.testing.assert_allclose(band_limit(img, 1.0), img, atol=1e-5)
+    with pytest.raises(ValueError, match="fraction"):
+        band_limit(img, 0)
+
+
+def test_headroom_bicubic_row_equals_eval_and_oracles_are_ordered(data, tmp_path):
+    result = json.loads(CliRunner().invoke(model_group, ["headroom", "--data", str(data), "--json"],
+                                           catch_exceptions=False).output)
+    m = result["methods"]
+    assert result["images"] == 3 and m["bicubic"]["delta_ssim"] == 0
+    evaluated = evaluate([], data, out=tmp_path / "e", crops=0, progress=False)["methods"]["bicubic"]
+    assert m["bicubic"]["psnr_db"] == pytest.approx(evaluated["psnr_db"], abs=1e-3)
+    assert m["bicubic"]["ssim"] == pytest.approx(evaluated["ssim"], abs=1e-4)
+    # less blur is closer to HR; keeping half the band beats keeping the LR quarter
+    assert m["blur_sigma_0.5"]["ssim"] > m["blur_sigma_0.7"]["ssim"] > m["blur_sigma_1"]["ssim"]
+    assert m["lowpass_half_band"]["psnr_db"] > m["lowpass_lr_band"]["psnr_db"]

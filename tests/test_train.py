@@ -157,6 +157,34 @@ def test_cuda_run_with_amp_stops_and_resumes(data_root, tmp_path):
     card = read_card(out / "last.safetensors")
     assert card.iterations == 2 and card.training["device"].startswith("cuda")
     assert 25 < card.metrics["val"]["val_psnr_db"] < 60
+    # a resumed optimiser keeps Adam's step counters on the CPU (on the GPU each step synchronised
+    # once per parameter) and its moments on the GPU
+    resumed = Trainer(cfg, progress=False)
+    assert resumed.load_state()
+    states = list(resumed.opt.state.values())
+    assert states and all(s["step"].device.type == "cpu" for s in states)
+    assert all(s["exp_avg"].device.type == "cuda" for s in states)
+
+
+@pytest.mark.gpu
+def test_cuda_training_through_cuda_graphs_writes_a_plain_checkpoint(data_root, tmp_path):
+    """compile_mode = "reduce-overhead" (torch.compile with CUDA graphs, for the launch-bound paper
+    config) trains on CUDA and saves the plain module's weights, loadable strictly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+    out = tmp_path / "out"
+    extra = 'amp = true\ncompile = true\ncompile_mode = "reduce-overhead"\n'
+    cfg = load_config(write_config(tmp_path / "g.toml", data_root, out, extra=extra, device="cuda"))
+    assert train(cfg, progress=False) == out / "last.safetensors"
+    assert all(math.isfinite(r["loss"]) for r in loss_lines(read_log(out)))
+    net, card = load_checkpoint(out / "last.safetensors")
+    assert card.iterations == 2
+
+
+def test_an_unknown_compile_mode_is_refused(data_root, tmp_path):
+    path = write_config(tmp_path / "c.toml", data_root, tmp_path / "out", extra='compile_mode = "fast"\n')
+    with pytest.raises(ValueError, match="compile_mode 'fast'.*reduce-overhead"):
+        load_config(path)
 
 
 def test_more_iterations_continue_a_finished_run(data_root, tmp_path):

@@ -68,6 +68,9 @@ class TrainConfig:
     # ran launch-bound at ~7.5 it/s on an H200 without it). Compiling takes ~30 s on CPU for a
     # tiny net and longer for the paper config; the saved weights are the same either way.
     compile: bool = False
+    # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: fewer kernel launches, the
+    # likely fix for a launch-bound net) or "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
     licence: str = "Apache-2.0 (weights trained on NIH ChestX-ray14 images: NIH terms, attribution)"
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -76,6 +79,9 @@ class TrainConfig:
     gan: GanStage = field(default_factory=GanStage)
 
     def __post_init__(self) -> None:
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.compile_mode not in modes:
+            raise ValueError(f"compile_mode {self.compile_mode!r}: use one of {', '.join(modes)}")
         if self.psnr.iterations < 0 or self.gan.iterations < 0:
             raise ValueError("iterations must be >= 0")
         if self.psnr.iterations + self.gan.iterations == 0:

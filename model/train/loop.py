@@ -78,7 +78,7 @@ class Trainer:
             self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval()
         # compiled view of the same module: parameters, state_dict and checkpoints stay self.net's
-        self.forward = torch.compile(self.net) if config.compile else self.net
+        self.forward = torch.compile(self.net, mode=config.compile_mode) if config.compile else self.net
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.psnr.lr, betas=(0.9, 0.99))
@@ -126,7 +126,11 @@ class Trainer:
     def load_state(self) -> bool:
         if not self.state_path.is_file():
             return False
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        # Loaded on the CPU: load_state_dict copies weights onto the device, and Adam's per-parameter
+        # "step" must stay a CPU tensor (map_location=cuda put it on the GPU, and every optimiser
+        # step then synchronised once per parameter: the likely reason a resumed run on an H200 made
+        # 13-16 it/s where a fresh one made 22-25; not re-measured since).
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         if state["config"]["arch"] != asdict(self.config.arch):
             raise ValueError(
                 f"{self.state_path} was written for architecture {state['config']['arch']}, not "
@@ -142,7 +146,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.best_psnr = state["best_psnr"]
         self.elapsed_s = state["elapsed_s"]
-        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to the device; it must be a CPU ByteTensor
+        torch.set_rng_state(state["torch_rng"])
         self.sampler.set_state(state["sampler_rng"])
         return True
 
