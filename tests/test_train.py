@@ -46,13 +46,13 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, data_root: Path, out_dir: Path, *, psnr: dict | None = None, gan: dict | None = None,
-                 extra: str = "", device: str = "cpu") -> Path:
+                 extra: str = "", device: str = "cpu", log_every: int = 1) -> Path:
     def table(name: str, values: dict) -> str:
         return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
     text = (
         f'name = "tiny-test"\nversion = "0.0.1"\nout_dir = {json.dumps(str(out_dir))}\n'
-        f'seed = 0\ndevice = "{device}"\nval_every = 1\nsave_every = 1\nlog_every = 1\n'
+        f'seed = 0\ndevice = "{device}"\nval_every = 1\nsave_every = 1\nlog_every = {log_every}\n'
         + extra
         + table("arch", {"attention": "csa", "num_blocks": 1, "num_feat": 8, "num_grow": 4, "global_skip": True})
         + table("data", {"root": str(data_root), "hr_crop": 64, "batch_size": 2})
@@ -157,13 +157,13 @@ def test_cuda_run_with_amp_stops_and_resumes(data_root, tmp_path):
     card = read_card(out / "last.safetensors")
     assert card.iterations == 2 and card.training["device"].startswith("cuda")
     assert 25 < card.metrics["val"]["val_psnr_db"] < 60
-    # a resumed optimiser keeps Adam's step counters on the CPU (on the GPU each step synchronised
-    # once per parameter) and its moments on the GPU
+    # a resumed optimiser is the fused CUDA Adam with its whole state on the GPU (a non-fused Adam
+    # with step counters on the GPU synchronised once per parameter per step)
     resumed = Trainer(cfg, progress=False)
     assert resumed.load_state()
     states = list(resumed.opt.state.values())
-    assert states and all(s["step"].device.type == "cpu" for s in states)
-    assert all(s["exp_avg"].device.type == "cuda" for s in states)
+    assert resumed.opt.param_groups[0]["fused"] and len(states) == len(list(resumed.net.parameters()))
+    assert all(s["step"].device.type == "cuda" and s["exp_avg"].device.type == "cuda" for s in states)
 
 
 @pytest.mark.gpu
@@ -185,6 +185,31 @@ def test_an_unknown_compile_mode_is_refused(data_root, tmp_path):
     path = write_config(tmp_path / "c.toml", data_root, tmp_path / "out", extra='compile_mode = "fast"\n')
     with pytest.raises(ValueError, match="compile_mode 'fast'.*reduce-overhead"):
         load_config(path)
+
+
+def test_losses_are_read_only_when_logged_and_time_still_adds_up(data_root, tmp_path):
+    """Steps hand back device tensors; the loop reads them every log_every iterations and at the
+    end, so the log has plain numbers there and nowhere else."""
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "l.toml", data_root, out, psnr={"iterations": 5}, log_every=2))
+    train(cfg, progress=False)
+    lines = loss_lines(read_log(out))
+    assert [r["iteration"] for r in lines] == [2, 4, 5]
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in lines)
+    assert 0 < lines[0]["elapsed_s"] <= lines[1]["elapsed_s"] <= lines[2]["elapsed_s"]  # rounded to 0.01 s
+
+
+def test_ema_update_is_the_per_parameter_lerp(data_root, tmp_path):
+    trainer = Trainer(load_config(write_config(tmp_path / "e.toml", data_root, tmp_path / "out")), progress=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.net.parameters():
+            p.add_(torch.randn_like(p))
+    before = [e.clone() for e in trainer.ema.parameters()]
+    trainer.iteration = 10**6  # past the warm-up, so the decay is the config's 0.999
+    trainer._update_ema()
+    for old, e, p in zip(before, trainer.ema.parameters(), trainer.net.parameters(), strict=True):
+        torch.testing.assert_close(e, old + (p - old) * (1 - 0.999))
 
 
 def test_more_iterations_continue_a_finished_run(data_root, tmp_path):

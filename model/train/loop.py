@@ -81,7 +81,7 @@ class Trainer:
         self.forward = torch.compile(self.net, mode=config.compile_mode) if config.compile else self.net
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.psnr.lr, betas=(0.9, 0.99))
+        self.opt = self._adam(self.net, config.psnr.lr)
         self.disc: Discriminator | None = None
         self.opt_d: torch.optim.Optimizer | None = None
         self.perceptual = None
@@ -89,6 +89,10 @@ class Trainer:
         self.best_psnr = -math.inf
         self.elapsed_s = 0.0
         self._stop = False
+
+    def _adam(self, module: torch.nn.Module, lr: float) -> torch.optim.Adam:
+        # fused on CUDA: the whole update in a few kernels (ESRGAN's betas)
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.99), fused=self.device.type == "cuda")
 
     # --- state -------------------------------------------------------------------------------
     @property
@@ -100,9 +104,9 @@ class Trainer:
         if fresh:  # ESRGAN: the GAN stage starts from the PSNR model
             self.net.load_state_dict(self.ema.state_dict())
             self.best_psnr = -math.inf
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=g.lr, betas=(0.9, 0.99))
+        self.opt = self._adam(self.net, g.lr)
         self.disc = Discriminator(num_feat=g.disc_feat).to(self.device)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=g.lr, betas=(0.9, 0.99))
+        self.opt_d = self._adam(self.disc, g.lr)
         self.perceptual = build_perceptual(g.perceptual, g.perceptual_layer, seed=self.config.seed).to(self.device)
 
     def save_state(self) -> None:
@@ -126,10 +130,10 @@ class Trainer:
     def load_state(self) -> bool:
         if not self.state_path.is_file():
             return False
-        # Loaded on the CPU: load_state_dict copies weights onto the device, and Adam's per-parameter
-        # "step" must stay a CPU tensor (map_location=cuda put it on the GPU, and every optimiser
-        # step then synchronised once per parameter: the likely reason a resumed run on an H200 made
-        # 13-16 it/s where a fresh one made 22-25; not re-measured since).
+        # Loaded on the CPU: load_state_dict puts each tensor where its parameter and optimiser want
+        # it. (map_location=cuda left a non-fused Adam's "step" counters on the GPU, which then
+        # synchronised once per parameter per step: the likely reason a resumed run on an H200 made
+        # 13-16 it/s where a fresh one made 22-25. Adam is fused on CUDA now; neither re-measured.)
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         if state["config"]["arch"] != asdict(self.config.arch):
             raise ValueError(
@@ -160,7 +164,10 @@ class Trainer:
             loss = loss + p.ssim_weight * (1 - torch_ssim(sr.clamp(0, 1), hr, data_range=1.0))
         return loss
 
-    def step(self, hr: torch.Tensor, lr_img: torch.Tensor) -> dict[str, float]:
+    def step(self, hr: torch.Tensor, lr_img: torch.Tensor) -> dict[str, float | torch.Tensor]:
+        """One iteration. Losses come back as detached tensors: reading them (``float()``) waits
+        for the device, so the loop does it only when it logs, and a GPU is not synchronised
+        every step."""
         cfg = self.config
         lr_now = stage_lr(cfg, self.iteration)
         for group in self.opt.param_groups:
@@ -172,7 +179,7 @@ class Trainer:
         sr = sr.float()
         if not gan:
             loss = self._pixel_loss(sr, hr)
-            logs["l_pix"] = loss.item()
+            logs["l_pix"] = loss.detach()
         else:
             g = cfg.gan
             for group in self.opt_d.param_groups:
@@ -185,7 +192,7 @@ class Trainer:
             fake = self.disc(sr)
             l_adv = relativistic_loss(real, fake, for_generator=True)
             loss = g.pixel_weight * l_pix + g.perceptual_weight * l_per + g.adversarial_weight * l_adv
-            logs.update(l_pix=l_pix.item(), l_percep=l_per.item(), l_adv=l_adv.item())
+            logs.update(l_pix=l_pix.detach(), l_percep=l_per.detach(), l_adv=l_adv.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -198,16 +205,16 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             l_d.backward()
             self.opt_d.step()
-            logs["l_d"] = l_d.item()
-        logs["loss"] = loss.item()
+            logs["l_d"] = l_d.detach()
+        logs["loss"] = loss.detach()
         self._update_ema()
         return logs
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.config.ema, (1 + self.iteration) / (10 + self.iteration))
-        for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
+        # one multi-tensor kernel per dtype/device instead of a launch per parameter tensor
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - decay)
         for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
             e.copy_(b)
 
@@ -281,10 +288,13 @@ class Trainer:
                 hr_t = torch.from_numpy(hr).to(self.device).contiguous(memory_format=torch.channels_last)
                 lr_t = torch.from_numpy(lr_img).to(self.device).contiguous(memory_format=torch.channels_last)
                 logs = self.step(hr_t, lr_t)
+                log_now = (self.iteration + 1) % cfg.log_every == 0 or self.iteration + 1 == total
+                if log_now:  # reading the losses waits for the device: the time of the steps queued since
+                    logs = {k: float(v) for k, v in logs.items()}
                 self.elapsed_s += time.perf_counter() - t0
                 self.iteration += 1
                 bar.update(1)
-                if self.iteration % cfg.log_every == 0 or self.iteration == total:
+                if log_now:
                     stage = "psnr" if self.iteration <= cfg.psnr.iterations else "gan"
                     self._log({"iteration": self.iteration, "stage": stage, "elapsed_s": round(self.elapsed_s, 2), **logs})
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
