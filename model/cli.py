@@ -45,15 +45,15 @@ def train_cmd(config: Path, sets: tuple[str, ...], max_minutes: float | None, th
     import torch
 
     from model.train.config import load_config
-    from model.train.loop import train
+    from model.train.loop import Trainer
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        cfg = load_config(config, _parse_set(sets))
+    try:  # set-up errors (config, data folder, init_from, compiler) are the user's to fix: no traceback
+        trainer = Trainer(load_config(config, _parse_set(sets)), progress=not no_progress)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    result = train(cfg, max_minutes=max_minutes, progress=not no_progress)
+    result = trainer.run(max_minutes=max_minutes)
     if result.suffix == ".pt":
         click.echo(f"stopped before the end; run the same command again to resume from {result}")
     else:

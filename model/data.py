@@ -37,7 +37,10 @@ def load_gray(path: Path) -> np.ndarray:
 
 def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist: point the config's [data] root (or --set "
+            "data.root=DIR) at a folder of 8/16-bit grayscale PNG/TIFF images"
+        )
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 

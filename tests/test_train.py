@@ -181,6 +181,21 @@ def test_cuda_training_through_cuda_graphs_writes_a_plain_checkpoint(data_root, 
     assert card.iterations == 2
 
 
+def test_compile_without_a_c_compiler_says_what_to_do(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    cfg = load_config(write_config(tmp_path / "c.toml", data_root, tmp_path / "out", extra="compile = true\n"))
+    with pytest.raises(ValueError, match="needs a C compiler.*compile=false"):
+        Trainer(cfg, progress=False)
+
+
+def test_cli_train_reports_a_missing_data_folder_without_a_traceback(data_root, tmp_path):
+    path = write_config(tmp_path / "c.toml", data_root, tmp_path / "out")
+    result = CliRunner().invoke(model_group, ["train", str(path), "--set", f"data.root={tmp_path / 'nope'}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "image folder" in result.output and "does not exist" in result.output and "data.root" in result.output
+
+
 def test_an_unknown_compile_mode_is_refused(data_root, tmp_path):
     path = write_config(tmp_path / "c.toml", data_root, tmp_path / "out", extra='compile_mode = "fast"\n')
     with pytest.raises(ValueError, match="compile_mode 'fast'.*reduce-overhead"):

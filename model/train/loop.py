@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -77,6 +78,12 @@ class Trainer:
             self.net.load_state_dict(init.state_dict(), strict=True)
             self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval()
+        if config.compile and not any(shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc")):
+            raise ValueError(
+                "compile = true needs a C compiler for torch.compile (Triton and Inductor build with "
+                "it) and none was found on PATH: install one (apt-get install -y gcc) or train with "
+                "--set compile=false"
+            )
         # compiled view of the same module: parameters, state_dict and checkpoints stay self.net's
         self.forward = torch.compile(self.net, mode=config.compile_mode) if config.compile else self.net
         for p in self.ema.parameters():
