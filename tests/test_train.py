@@ -334,3 +334,14 @@ def test_validation_scores_a_bicubic_start_like_bicubic(data_root, tmp_path):
         up = F.interpolate(torch.from_numpy(lr)[None, None], scale_factor=4, mode="bicubic", align_corners=False)
         expected.append(psnr(up[0, 0].clamp(0, 1).numpy(), hr))
     assert scores["val_psnr_db"] == pytest.approx(float(np.mean(expected)), abs=1e-4)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "model" / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_generator(path):
+    """A typo in a shipped config would only show when a researcher starts a long run."""
+    from model.arch import Generator, count_parameters
+
+    cfg = load_config(path)
+    assert cfg.name and cfg.total_iterations > 0
+    assert count_parameters(Generator(cfg.arch)) > 0
