@@ -19,9 +19,11 @@ from cxr_sr_node import __version__
 from cxr_sr_node.derive import ModelInfo, NodeInfo, derive, derived_uid
 from cxr_sr_node.eligibility import SERIES_MARKER
 from model.checkpoint import read_card
-from tests.dicom_helpers import CHEST_DIR, OTHER_DIR, bicubic_upscale
+from tests.dicom_helpers import CHEST_DIR, OTHER_DIR, bicubic_upscale, require_data
 from tests.nodes import make_tiny_checkpoint, node_config, running_node, wait_for_jobs_done, with_new_uids
 from tests.peers import storescu, wait_until
+
+require_data()  # the module lists the shared chest files when it is collected
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("dcmtk")]
 
