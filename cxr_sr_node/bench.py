@@ -154,10 +154,8 @@ class Process(procs.Process):
     node stops its workers itself) with 60 s before SIGKILL."""
 
     error_type: ClassVar[type[Exception]] = BenchError
+    stop_deadline_s: ClassVar[float] = 60.0
     term_leader_only: bool = True
-
-    def stop(self, deadline_s: float = 60.0) -> int | None:
-        return super().stop(deadline_s)
 
 
 @contextlib.contextmanager

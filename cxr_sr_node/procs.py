@@ -89,6 +89,7 @@ class Process:
 
     error_type: ClassVar[type[Exception]] = RuntimeError
     tail_lines: ClassVar[int] = 30
+    stop_deadline_s: ClassVar[float] = 15.0  # SIGTERM grace before SIGKILL when ``stop`` is given none
 
     name: str
     argv: list[str]
@@ -150,10 +151,13 @@ class Process:
         except TimeoutError as exc:
             raise self.error(str(exc)) from exc
 
-    def stop(self, deadline_s: float = 15.0) -> int | None:
-        """SIGTERM (see the class), SIGKILL the group after ``deadline_s``; returns the exit status."""
+    def stop(self, deadline_s: float | None = None) -> int | None:
+        """SIGTERM (see the class), SIGKILL the group after ``deadline_s`` (default
+        ``stop_deadline_s``); returns the exit status."""
         if self.popen is None:
             return None
+        if deadline_s is None:
+            deadline_s = self.stop_deadline_s
         pgid = self.popen.pid  # start_new_session: the leader's pid is the group id
         if self.popen.poll() is None:
             if self.term_leader_only:

@@ -64,9 +64,9 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 10
     init_from: str = ""  # a .safetensors checkpoint to fine-tune from
-    # torch.compile the generator's training forward (not verified on a GPU yet: the paper config
-    # ran launch-bound at ~7.5 it/s on an H200 without it). Compiling takes ~30 s on CPU for a
-    # tiny net and longer for the paper config; the saved weights are the same either way.
+    # torch.compile the generator's training forward. The paper config on an H200: 7.5 it/s eager,
+    # 22-25 it/s with compile_mode "reduce-overhead" after ~2 min of compiling (~30 s on CPU for a
+    # tiny net); the saved weights are the same either way.
     compile: bool = False
     # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: fewer kernel launches, the
     # likely fix for a launch-bound net) or "max-autotune-no-cudagraphs"

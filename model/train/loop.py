@@ -51,6 +51,13 @@ def stage_lr(config: TrainConfig, it: int) -> float:
 class Trainer:
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         self.config = config
+        # before the data, init_from and model are loaded: fail fast
+        if config.compile and not any(shutil.which(cc) for cc in filter(None, (os.environ.get("CC"), "cc", "gcc"))):
+            raise ValueError(
+                "compile = true needs a C compiler for torch.compile (Triton and Inductor build with "
+                "it) and none was found on PATH: install one (apt-get install -y gcc) or train with "
+                "--set compile=false"
+            )
         self.progress = progress
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -78,12 +85,6 @@ class Trainer:
             self.net.load_state_dict(init.state_dict(), strict=True)
             self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval()
-        if config.compile and not any(shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc")):
-            raise ValueError(
-                "compile = true needs a C compiler for torch.compile (Triton and Inductor build with "
-                "it) and none was found on PATH: install one (apt-get install -y gcc) or train with "
-                "--set compile=false"
-            )
         # compiled view of the same module: parameters, state_dict and checkpoints stay self.net's
         self.forward = torch.compile(self.net, mode=config.compile_mode) if config.compile else self.net
         for p in self.ema.parameters():
