@@ -35,6 +35,12 @@ def load_gray(path: Path) -> np.ndarray:
         return np.asarray(img, dtype=np.float32) / 255.0
 
 
+def levels_of(path: Path) -> int:
+    """Quantisation levels of an image file, from its pixel mode (as :func:`load_gray` reads it)."""
+    with Image.open(path) as img:
+        return 65535 if img.mode in ("I;16", "I;16B", "I;16L", "I") else 255
+
+
 def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(

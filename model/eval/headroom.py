@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from model.data import load_gray
+from model.data import levels_of, load_gray
 from model.degrade import Degradation, crop_to_scale, quantize
 from model.eval.metrics import psnr, ssim
-from model.eval.run import SCALE, bicubic_x4, levels_of, select_images
+from model.eval.run import SCALE, bicubic_x4, select_images
 
 BLUR_SIGMAS = (1.0, 0.7, 0.5)
 

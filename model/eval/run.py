@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from model import inference
 from model.arch import count_parameters
-from model.data import SPLITS, list_images, load_gray, split_files
+from model.data import SPLITS, levels_of, list_images, load_gray, split_files
 from model.degrade import Degradation, crop_to_scale, quantize
 from model.eval import report
 from model.eval.metrics import high_frequency_ratio, psnr, ssim
@@ -43,12 +42,6 @@ def bicubic_x4(lr: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray
     with torch.inference_mode():
         up = F.interpolate(x, scale_factor=SCALE, mode="bicubic", align_corners=False)
         return up[0, 0].clamp(0, 1).cpu().numpy()
-
-
-def levels_of(path: Path) -> int:
-    """Quantisation levels of an image file, from its pixel mode (as :func:`model.data.load_gray`)."""
-    with Image.open(path) as img:
-        return 65535 if img.mode in ("I;16", "I;16B", "I;16L", "I") else 255
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from model.arch import Generator, count_parameters
 from model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from model.data import CropSampler, load_gray, split_files
-from model.degrade import crop_to_scale
+from model.data import CropSampler, levels_of, load_gray, split_files
+from model.degrade import crop_to_scale, quantize
 from model.eval.metrics import psnr, ssim
 from model.inference import Upscaler, resolve_device
 from model.train.config import TrainConfig
@@ -233,7 +233,7 @@ class Trainer:
         for i, path in enumerate(self.val_files):
             hr = crop_to_scale(load_gray(path), deg.scale)
             lr = deg(hr, np.random.default_rng(self.config.seed + i))
-            sr = up(lr)
+            sr = quantize(up(lr), levels_of(path))  # as `model eval` scores it: saved images are integers
             scores.append((psnr(sr, hr), ssim(sr, hr)))
         self.ema.train(False)
         mean = np.mean(scores, axis=0)
