@@ -22,6 +22,26 @@ HOST = "127.0.0.1"
 T = TypeVar("T")
 
 
+def native_executable(name: str) -> str | None:
+    """The first compiled (non-script) executable called ``name`` on PATH, then in /usr/bin, /usr/sbin.
+
+    For dcmtk's tools: pynetdicom installs Python apps with the same names (storescu, storescp,
+    echoscu, ...) into a virtual environment's bin/, which is first on PATH once the environment is
+    activated, and they take other arguments. dcmtk's are ELF binaries; the apps are ``#!`` scripts.
+    """
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/sbin"]:
+        path = Path(folder or ".") / name
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            continue
+        try:
+            with path.open("rb") as f:
+                if f.read(2) != b"#!":
+                    return str(path)
+        except OSError:
+            continue
+    return None
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it)."""
     return free_ports(1)[0]

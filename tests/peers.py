@@ -36,7 +36,15 @@ from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from cxr_sr_node.procs import HOST, Process, free_port, free_ports, port_accepts, wait_until
+from cxr_sr_node.procs import (
+    HOST,
+    Process,
+    free_port,
+    free_ports,
+    native_executable,
+    port_accepts,
+    wait_until,
+)
 
 INSTALL_HINT = "apt-get install -y dcmtk orthanc rabbitmq-server"
 LOG_TAIL_LINES = 60
@@ -74,9 +82,12 @@ def wait_for_port(host: str, port: int, deadline_s: float) -> None:
 
 def require_binary(name: str, package: str) -> str:
     """The absolute path of ``name``; raises :class:`PeerMissing` naming the Debian package."""
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
-    )
+    if package == "dcmtk":  # not pynetdicom's Python app of the same name (first on an activated venv's PATH)
+        path = native_executable(name)
+    else:
+        path = shutil.which(name) or next(
+            (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+        )
     if path is None:
         raise PeerMissing(f"{name} not found (Debian package {package}): {INSTALL_HINT}")
     return path

@@ -59,6 +59,29 @@ def test_missing_binary_names_the_package():
         require_binary("no-such-peer-binary", "no-such-package")
 
 
+def test_dcmtk_is_found_behind_pynetdicom_apps_of_the_same_name(tmp_path, monkeypatch):
+    """An activated virtual environment puts pynetdicom's Python storescu (other arguments) first on
+    PATH; the peers and `cxr-sr-node bench` must still run dcmtk's (the pipeline bench once failed
+    with "storescp: error: argument port: invalid int value")."""
+    import subprocess
+
+    from cxr_sr_node.bench import _binary
+
+    try:
+        real = require_binary("storescu", "dcmtk")
+    except PeerMissing as exc:
+        pytest.skip(str(exc))
+    app = tmp_path / "venv-bin" / "storescu"
+    app.parent.mkdir()
+    app.write_text("#!/usr/bin/env python3\nraise SystemExit(2)\n")
+    app.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{app.parent}:{tmp_path / 'empty'}:{Path(real).parent}")
+    assert shutil.which("storescu") == str(app)
+    assert require_binary("storescu", "dcmtk") == real == _binary("storescu")
+    version = subprocess.run([real, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    assert "dcmtk" in version.stdout.lower()
+
+
 def test_start_failure_quotes_the_peer_log(tmp_path):
     if not shutil.which("storescp"):
         pytest.skip("storescp not found: apt-get install -y dcmtk orthanc rabbitmq-server")
