@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cxr_sr_node import procs
-from cxr_sr_node.procs import HOST, free_port, native_executable, wait_until
+from cxr_sr_node.procs import HOST, find_executable, free_port, wait_until
 
 NODE_AE = "CXRSR"
 SCU_AE = "BENCH"
@@ -115,7 +115,7 @@ def _machine_line(m: dict[str, Any]) -> str:
 
 
 def _binary(name: str) -> str:
-    path = native_executable(name)  # dcmtk's, not pynetdicom's Python app of the same name
+    path = find_executable(name, native=True)  # dcmtk's, not pynetdicom's Python app of the same name
     if path is None:
         package = "coreutils" if name == "sync" else "dcmtk"
         raise BenchError(f"{name} not found; the benchmarks need it: apt-get install -y {package}")

@@ -22,17 +22,20 @@ HOST = "127.0.0.1"
 T = TypeVar("T")
 
 
-def native_executable(name: str) -> str | None:
-    """The first compiled (non-script) executable called ``name`` on PATH, then in /usr/bin, /usr/sbin.
+def find_executable(name: str, *, native: bool = False) -> str | None:
+    """The first executable called ``name`` on PATH, then in /usr/sbin and /usr/bin (where a
+    non-login root PATH may not look); with ``native``, only compiled (non-``#!``) ones.
 
-    For dcmtk's tools: pynetdicom installs Python apps with the same names (storescu, storescp,
-    echoscu, ...) into a virtual environment's bin/, which is first on PATH once the environment is
-    activated, and they take other arguments. dcmtk's are ELF binaries; the apps are ``#!`` scripts.
+    ``native`` is for dcmtk's tools: pynetdicom installs Python apps with the same names (storescu,
+    storescp, echoscu, ...) into a virtual environment's bin/, which is first on PATH once the
+    environment is activated, and they take other arguments. dcmtk's are ELF binaries.
     """
-    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/sbin"]:
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/usr/bin"]:
         path = Path(folder or ".") / name
         if not (path.is_file() and os.access(path, os.X_OK)):
             continue
+        if not native:
+            return str(path)
         try:
             with path.open("rb") as f:
                 if f.read(2) != b"#!":

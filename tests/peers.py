@@ -39,9 +39,9 @@ from pynetdicom.sop_class import Verification
 from cxr_sr_node.procs import (
     HOST,
     Process,
+    find_executable,
     free_port,
     free_ports,
-    native_executable,
     port_accepts,
     wait_until,
 )
@@ -82,12 +82,8 @@ def wait_for_port(host: str, port: int, deadline_s: float) -> None:
 
 def require_binary(name: str, package: str) -> str:
     """The absolute path of ``name``; raises :class:`PeerMissing` naming the Debian package."""
-    if package == "dcmtk":  # not pynetdicom's Python app of the same name (first on an activated venv's PATH)
-        path = native_executable(name)
-    else:
-        path = shutil.which(name) or next(
-            (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
-        )
+    # dcmtk's tools, not pynetdicom's Python apps of the same name (first on an activated venv's PATH)
+    path = find_executable(name, native=package == "dcmtk")
     if path is None:
         raise PeerMissing(f"{name} not found (Debian package {package}): {INSTALL_HINT}")
     return path

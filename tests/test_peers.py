@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -63,8 +64,6 @@ def test_dcmtk_is_found_behind_pynetdicom_apps_of_the_same_name(tmp_path, monkey
     """An activated virtual environment puts pynetdicom's Python storescu (other arguments) first on
     PATH; the peers and `cxr-sr-node bench` must still run dcmtk's (the pipeline bench once failed
     with "storescp: error: argument port: invalid int value")."""
-    import subprocess
-
     from cxr_sr_node.bench import _binary
 
     try:

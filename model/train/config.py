@@ -65,7 +65,7 @@ class TrainConfig:
     log_every: int = 10
     init_from: str = ""  # a .safetensors checkpoint to fine-tune from
     # torch.compile the generator's training forward. The paper config on an H200: 7.5 it/s eager,
-    # 22-25 it/s with compile_mode "reduce-overhead" after ~2 min of compiling (~30 s on CPU for a
+    # 44-46 it/s with compile_mode "reduce-overhead" after ~100 s of compiling (~30 s on CPU for a
     # tiny net); the saved weights are the same either way.
     compile: bool = False
     # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: fewer kernel launches, the
