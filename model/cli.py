@@ -66,6 +66,14 @@ def _model_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, UpscaleError)
 
 
+def _noise_settings(d: dict) -> str:
+    if d["name"] == "lowdose":
+        return f" (dose scale {d['dose_scale']:g}, read noise {d['read_noise']:g})"
+    if d["name"] == "mixed":
+        return f" (dose scale {d['dose_scale']:g} to {d['dose_max']:g}, read noise up to {d['read_noise']:g})"
+    return ""
+
+
 @model_group.command("eval")
 @click.option(
     "--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -80,7 +88,12 @@ def _model_errors() -> tuple[type[BaseException], ...]:
     "--split", type=click.Choice(["train", "val", "test"]), default=None,
     help="Default: test for a split folder, every image for a flat one.",
 )
-@click.option("--degradation", type=click.Choice(["paper", "lowdose"]), default="paper", show_default=True)
+@click.option("--degradation", type=click.Choice(["paper", "lowdose", "mixed"]), default="paper", show_default=True,
+              help="paper: blur + bicubic; lowdose: + Poisson and read noise; mixed: a dose drawn per image.")
+@click.option("--dose-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="lowdose: photons at full signal (default 2000; lower = noisier); mixed: the lowest dose.")
+@click.option("--read-noise", type=click.FloatRange(min=0), default=None,
+              help="lowdose: Gaussian read noise σ in [0, 1] units (default 0.004); mixed: the largest.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval"), show_default=True)
 @click.option("--tile", type=click.IntRange(min=8), default=256, show_default=True, help="LR tile side, px.")
@@ -96,7 +109,7 @@ def _model_errors() -> tuple[type[BaseException], ...]:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def eval_cmd(
     checkpoints: tuple[Path, ...], bicubic_only: bool, data: Path, split: str | None, degradation: str,
-    limit: int | None, out: Path, tile: int, overlap: int, precision: str, device: str, crops: int,
+    dose_scale: float | None, read_noise: float | None, limit: int | None, out: Path, tile: int, overlap: int, precision: str, device: str, crops: int,
     lpips_backbone: Path | None, lpips_linear: Path | None, threads: int | None, no_progress: bool,
 ) -> None:
     """Score bicubic and checkpoints on degraded images: metrics.json, per_image.csv, report.md, crops/."""
@@ -117,6 +130,8 @@ def eval_cmd(
             data,
             split=split,
             degradation=degradation,
+            dose_scale=dose_scale,
+            read_noise=read_noise,
             limit=limit,
             out=out,
             tile=tile,
@@ -130,7 +145,8 @@ def eval_cmd(
     except _model_errors() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
-        f"{metrics['images']} images, split {metrics['split']}, degradation {metrics['degradation']}\n"
+        f"{metrics['images']} images, split {metrics['split']}, degradation {metrics['degradation']}"
+        f"{_noise_settings(metrics['degradation_settings'])}\n"
     )
     click.echo(report_table(metrics))
     click.echo(f"\nwrote {out}/metrics.json, per_image.csv, report.md and crops/")
@@ -140,7 +156,7 @@ def eval_cmd(
 @click.option("--data", type=click.Path(path_type=Path), default=Path("../shared/data/cxr_png/nih"), show_default=True)
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
               help="Default: test/ of a split folder, else every image.")
-@click.option("--degradation", type=click.Choice(["paper", "lowdose"]), default="paper", show_default=True)
+@click.option("--degradation", type=click.Choice(["paper", "lowdose", "mixed"]), default="paper", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def headroom_cmd(data: Path, split: str | None, degradation: str, limit: int | None, as_json: bool) -> None:

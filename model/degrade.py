@@ -9,6 +9,13 @@ Low dose: the LR image is treated as proportional to the detected signal, so pho
 Poisson statistics predict), plus Gaussian read noise of standard deviation ``read_noise``. A
 smaller ``dose_scale`` means fewer photons and more noise. Noise is applied to the LR image (what
 a low-dose acquisition records), then the result is quantised like a stored image.
+
+Mixed ("blind"): for a node that is not told the dose. Each image (each training crop) is clean
+with probability ``clean_fraction``; otherwise it gets low-dose noise with a dose scale drawn
+log-uniformly from [``dose_scale``, ``dose_max``] and a read noise drawn uniformly from
+[0, ``read_noise``]. :meth:`Degradation.named` gives it a range that contains the "lowdose" setting
+(dose 2000, read noise 0.004) and reaches nearly noise-free 8-bit images (dose 1e5: noise σ ≈ 0.6
+grey level at mid-grey).
 """
 
 from __future__ import annotations
@@ -21,26 +28,32 @@ from scipy.ndimage import gaussian_filter
 
 SCALE = 4
 BLUR_SIGMA = 1.0
+NAMES = ("paper", "lowdose", "mixed")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Degradation:
     """How LR images are made from HR ones; stored in the model card."""
 
-    name: str = "paper"  # "paper" | "lowdose"
+    name: str = "paper"  # "paper" | "lowdose" | "mixed"
     blur_sigma: float = BLUR_SIGMA
     scale: int = SCALE
-    dose_scale: float = 2000.0  # expected photons at signal 1.0 (lowdose only)
-    read_noise: float = 0.004  # std of Gaussian read noise, in [0, 1] units (lowdose only)
+    dose_scale: float = 2000.0  # expected photons at signal 1.0 (lowdose; mixed: the lowest dose)
+    read_noise: float = 0.004  # std of Gaussian read noise, in [0, 1] units (lowdose; mixed: the most)
     quantize_levels: int = 255  # LR is rounded to this many levels, like a stored 8-bit image
+    dose_max: float = 1e5  # mixed only: the highest dose scale
+    clean_fraction: float = 0.25  # mixed only: share of images with no noise at all
 
     def __post_init__(self) -> None:
-        if self.name not in ("paper", "lowdose"):
-            raise ValueError(f"degradation name must be 'paper' or 'lowdose', got {self.name!r}")
+        if self.name not in NAMES:
+            raise ValueError(f"degradation name must be one of {', '.join(NAMES)}, got {self.name!r}")
         for key, ok, expected in (
             ("blur_sigma", self.blur_sigma >= 0, ">= 0"),
             ("dose_scale", self.dose_scale > 0, "> 0"),
             ("read_noise", self.read_noise >= 0, ">= 0"),
+            ("dose_max", self.name != "mixed" or self.dose_max >= self.dose_scale,
+             f">= dose_scale ({self.dose_scale})"),
+            ("clean_fraction", 0 <= self.clean_fraction <= 1, "in [0, 1]"),
         ):
             if not ok:  # also catches NaN
                 raise ValueError(f"{key} must be {expected}, got {getattr(self, key)!r}")
@@ -51,8 +64,12 @@ class Degradation:
             raise ValueError(f"scale must be {SCALE}, got {self.scale}")
 
     @classmethod
-    def named(cls, name: str) -> Degradation:
-        return cls(name=name)
+    def named(cls, name: str, **overrides: float) -> Degradation:
+        """The named setting (``mixed`` with its dose range 1000-1e5, read noise up to 0.006),
+        with any field overridden, e.g. ``named("lowdose", dose_scale=8000)``."""
+        if name == "mixed":
+            overrides = {"dose_scale": 1000.0, "read_noise": 0.006, **overrides}
+        return cls(name=name, **overrides)
 
     def clean_lr(self, hr: np.ndarray) -> np.ndarray:
         """Blur + bicubic, unquantised (float32, [0, 1]). HR sides must be multiples of scale."""
@@ -60,10 +77,16 @@ class Degradation:
 
     def finish(self, lr: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """Add low-dose noise (if any) to a clean LR image and quantise it."""
-        if self.name == "lowdose":
+        if self.name != "paper":
             if rng is None:
-                raise ValueError("lowdose degradation needs a seeded numpy Generator (rng)")
-            lr = add_low_dose_noise(lr, dose_scale=self.dose_scale, read_noise=self.read_noise, rng=rng)
+                raise ValueError(f"{self.name} degradation needs a seeded numpy Generator (rng)")
+            dose, read = self.dose_scale, self.read_noise
+            if self.name == "mixed":
+                if rng.random() < self.clean_fraction:
+                    return quantize(lr, self.quantize_levels)
+                dose = float(np.exp(rng.uniform(np.log(self.dose_scale), np.log(self.dose_max))))
+                read = float(rng.uniform(0.0, self.read_noise))
+            lr = add_low_dose_noise(lr, dose_scale=dose, read_noise=read, rng=rng)
         return quantize(lr, self.quantize_levels)
 
     def __call__(self, hr: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -22,6 +22,7 @@ from model.checkpoint import (
     save_checkpoint,
     update_card,
 )
+from model.degrade import Degradation
 
 TINY = ArchConfig(num_blocks=1, num_feat=8, num_grow=4)
 META = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
@@ -243,6 +244,7 @@ def test_shipped_generator_loads_strictly_and_stays_small(path):
     net, card = load_checkpoint(path)
     assert card.sha256 == _sha(path) and card.dtype == "float16"
     assert card.iterations > 0 and card.training["train_images"] > 0
-    assert card.degradation["name"] in ("paper", "lowdose") and "NIH" in card.licence
+    assert card.degradation["name"] in ("paper", "lowdose", "mixed") and "NIH" in card.licence
+    assert Degradation.named(**card.degradation)  # a setting the code can still rebuild
     assert sum(p.numel() for p in net.parameters()) == card.training["parameters"]
     assert "val" in card.metrics

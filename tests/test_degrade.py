@@ -111,8 +111,39 @@ def test_lowdose_noise_variance_grows_linearly_with_signal(dose_scale):
         ({"quantize_levels": 0}, "quantize_levels"),
         ({"quantize_levels": 2.5}, "quantize_levels"),
         ({"scale": 2}, "scale"),
+        ({"name": "mixed", "dose_scale": 5000.0, "dose_max": 4000.0}, "dose_max"),
+        ({"name": "mixed", "clean_fraction": 1.5}, "clean_fraction"),
+        ({"name": "mixed", "clean_fraction": float("nan")}, "clean_fraction"),
     ],
 )
 def test_invalid_parameters_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Degradation(**kwargs)
+
+
+def test_mixed_covers_clean_and_the_lowdose_setting_and_is_seeded():
+    """The dose-blind degradation: a share of clean images, the rest noisy with a dose drawn from
+    [dose_scale, dose_max], so the noise variance of each draw lies between the two extremes."""
+    deg = Degradation.named("mixed")
+    lowdose = Degradation.named("lowdose")
+    assert deg.dose_scale <= lowdose.dose_scale <= deg.dose_max and deg.read_noise >= lowdose.read_noise
+    s = 0.5
+    flat = np.full((512, 512), s, np.float32)
+    clean = Degradation()(flat)
+    variances = []
+    for seed in range(200):
+        lr = deg(flat, np.random.default_rng(seed))
+        np.testing.assert_array_equal(lr, deg(flat, np.random.default_rng(seed)))
+        variances.append(float(np.var(lr.astype(np.float64) - clean)))
+    variances = np.array(variances)
+    clean_share = float(np.mean(variances == 0))
+    assert abs(clean_share - deg.clean_fraction) < 0.1  # 200 Bernoulli draws: sd 0.03
+    noisy = variances[variances > 0]
+    assert noisy.max() < 1.1 * (s / deg.dose_scale + deg.read_noise**2)  # never noisier than the lowest dose
+    assert noisy.min() > 0.9 * (s / deg.dose_max)  # never cleaner than the highest dose, unless clean
+    assert np.percentile(noisy, 90) > 4 * np.percentile(noisy, 10)  # a range of doses, not one
+
+
+def test_mixed_without_rng_is_refused():
+    with pytest.raises(ValueError, match="rng"):
+        Degradation.named("mixed")(_hr())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from model.arch import ArchConfig, Generator
 from model.checkpoint import ModelCard, save_checkpoint
 from model.cli import model_group
 from model.data import load_gray
+from model.degrade import Degradation
 from model.eval.lpips import AlexFeatures, GrayLpips, LpipsError
 from model.eval.metrics import ssim
 from model.eval.report import SEPARATOR_PX
@@ -80,8 +82,9 @@ def test_zero_residual_checkpoint_equals_bicubic_and_files_have_their_shape(data
     out = tmp_path / "eval"
     metrics = evaluate([ckpt], data, out=out, tile=32, overlap=4)
 
-    assert set(metrics) == {"degradation", "images", "split", "data", "methods"}
+    assert set(metrics) == {"degradation", "degradation_settings", "images", "split", "data", "methods"}
     assert (metrics["degradation"], metrics["images"], metrics["split"]) == ("paper", 3, "test")
+    assert metrics["degradation_settings"] == {**asdict(Degradation()), "name": "paper"}
     assert metrics["data"] == str(data.resolve())
     assert list(metrics["methods"]) == ["bicubic", "tiny"]
     bicubic, tiny = metrics["methods"]["bicubic"], metrics["methods"]["tiny"]
@@ -162,6 +165,32 @@ def test_lowdose_degradation_scores_bicubic_lower_than_paper(data, tmp_path):
     assert lowdose["methods"]["bicubic"]["psnr_db"] < paper["methods"]["bicubic"]["psnr_db"] - 1
     again = evaluate([], flat, degradation="lowdose")  # seeded per image: the same noise every run
     assert again["methods"]["bicubic"]["psnr_db"] == lowdose["methods"]["bicubic"]["psnr_db"]
+
+
+def test_cli_eval_at_a_chosen_dose(data, tmp_path):
+    """--dose-scale sets the low-dose setting: fewer photons, more noise, lower bicubic scores; the
+    setting is printed and kept in metrics.json; a dose for the noise-free degradation is refused."""
+    scores = {}
+    for dose in ("500", "20000"):
+        out = tmp_path / dose
+        args = ["eval", "--bicubic-only", "--data", str(data), "--degradation", "lowdose", "--dose-scale", dose,
+                "--limit", "2", "--out", str(out), "--crops", "0", "--no-progress"]
+        result = CliRunner().invoke(model_group, args)
+        assert result.exit_code == 0, result.output
+        assert f"degradation lowdose (dose scale {dose}, read noise 0.004)" in result.stdout
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["degradation_settings"]["dose_scale"] == float(dose)
+        assert f"dose scale {dose}" in (out / "report.md").read_text()
+        scores[dose] = metrics["methods"]["bicubic"]["psnr_db"]
+    assert scores["500"] < scores["20000"] - 3
+    mixed = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(data), "--degradation", "mixed",
+                                             "--limit", "2", "--out", str(tmp_path / "m"), "--crops", "0", "--no-progress"])
+    assert mixed.exit_code == 0, mixed.output
+    assert "degradation mixed (dose scale 1000 to 100000, read noise up to 0.006)" in mixed.stdout
+    refused = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(data), "--dose-scale", "500",
+                                               "--out", str(tmp_path / "p"), "--no-progress"])
+    assert refused.exit_code == 1 and "not to paper" in refused.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_ssim_agrees_with_pytorch_msssim_on_a_chest_crop():

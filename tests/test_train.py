@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import load_checkpoint, read_card
 from model.cli import model_group
+from model.degrade import Degradation
 from model.train.config import load_config
 from model.train.loop import Trainer, train
 
@@ -285,6 +286,16 @@ def test_load_config_rejects_unknown_keys_by_name(data_root, tmp_path):
         load_config(path)
 
 
+def test_load_config_keeps_a_named_degradation_s_defaults_under_the_given_keys(data_root, tmp_path):
+    path = write_config(tmp_path / "m.toml", data_root, tmp_path / "out",
+                        extra='[degradation]\nname = "mixed"\ndose_max = 50000.0\n')
+    deg = load_config(path).degradation
+    assert (deg.name, deg.dose_scale, deg.dose_max, deg.read_noise) == ("mixed", 1000.0, 50000.0, 0.006)
+    assert load_config(path, {"degradation.name": "lowdose"}).degradation.dose_scale == 2000.0
+    with pytest.raises(ValueError, match="degradation.*dose_max"):
+        load_config(path, {"degradation.dose_scale": 80000.0})
+
+
 def test_load_config_applies_dotted_overrides(data_root, tmp_path):
     path = write_config(tmp_path / "ok.toml", data_root, tmp_path / "out")
     cfg = load_config(path, {"psnr.iterations": 7, "arch.attention": "none", "seed": 3})
@@ -317,15 +328,21 @@ def test_cli_train_names_a_bad_override(data_root, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_validation_scores_what_model_eval_scores(data_root, tmp_path):
+@pytest.mark.parametrize("degradation", ["paper", "mixed"])
+def test_validation_scores_what_model_eval_scores(data_root, tmp_path, degradation):
     """A global-skip net starts exactly at bicubic, so the trainer's first validation equals `model
     eval`'s bicubic row on the same images: the same LR seeds, SR quantised to the image's levels
-    like a saved image, the same metrics. (Unquantised, it read ~0.06 dB / 0.001 SSIM higher.)"""
+    like a saved image, the same metrics. (Unquantised, it read ~0.06 dB / 0.001 SSIM higher.)
+    A config naming only ``mixed`` gets the named setting's dose range, as eval does."""
     from model.eval.run import EvalConfig, run
 
-    trainer = Trainer(load_config(write_config(tmp_path / "v.toml", data_root, tmp_path / "out")), progress=False)
+    extra = f'[degradation]\nname = "{degradation}"\n'
+    trainer = Trainer(load_config(write_config(tmp_path / "v.toml", data_root, tmp_path / "out", extra=extra)),
+                      progress=False)
+    assert trainer.config.degradation == Degradation.named(degradation)
     scores = trainer.validate()
-    bicubic = run(EvalConfig(data=data_root, split="val", crops=0, device="cpu"))["methods"]["bicubic"]
+    bicubic = run(EvalConfig(data=data_root, split="val", crops=0, device="cpu", degradation=degradation))
+    bicubic = bicubic["methods"]["bicubic"]
     assert scores["val_psnr_db"] == pytest.approx(bicubic["psnr_db"], abs=1e-4)
     assert scores["val_ssim"] == pytest.approx(bicubic["ssim"], abs=1e-6)
 

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class EvalConfig:
     checkpoints: tuple[Path, ...] = ()
     split: str | None = None
     degradation: str = "paper"
+    dose_scale: float | None = None  # overrides the named degradation's (lowdose, mixed)
+    read_noise: float | None = None
     limit: int | None = None
     out: Path | None = None
     tile: int = 256
@@ -74,7 +76,7 @@ class EvalConfig:
             object.__setattr__(self, "out", Path(self.out))
         if self.split is not None and self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (or None), got {self.split!r}")
-        Degradation.named(self.degradation)  # raises, naming the valid choices
+        self.make_degradation()  # raises, naming the valid choices or the bad parameter
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.limit is not None and self.limit < 1:
@@ -94,6 +96,15 @@ class EvalConfig:
             if len(self.lpips_files) != 2:
                 raise ValueError("lpips_files must be (backbone, linear): two paths")
             object.__setattr__(self, "lpips_files", tuple(Path(p) for p in self.lpips_files))
+
+    def make_degradation(self) -> Degradation:
+        given = {"dose_scale": self.dose_scale, "read_noise": self.read_noise}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        if overrides and self.degradation == "paper":
+            raise ValueError(
+                "dose_scale / read_noise apply to the lowdose and mixed degradations, not to paper"
+            )
+        return Degradation.named(self.degradation, **overrides)
 
 
 @dataclass
@@ -199,7 +210,7 @@ def run(config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
     if not files:
         raise ValueError(f"no images to evaluate in {config.data} (split {split_label})")
     device = inference.resolve_device(config.device)
-    degradation = Degradation.named(config.degradation)
+    degradation = config.make_degradation()
     methods = _build_methods(config, device)
     lpips = None
     if config.lpips_files is not None:
@@ -248,6 +259,7 @@ def run(config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {
         "degradation": degradation.name,
+        "degradation_settings": asdict(degradation),
         "images": len(files),
         "split": split_label,
         "data": str(config.data.resolve()),
@@ -295,6 +307,12 @@ def _describe(d: Degradation) -> str:
     text = f"Gaussian blur σ={d.blur_sigma}, bicubic ×1/{d.scale}"
     if d.name == "lowdose":
         text += f", Poisson noise at dose scale {d.dose_scale:g} + Gaussian read noise σ={d.read_noise:g}"
+    elif d.name == "mixed":
+        text += (
+            f", per image: clean with probability {d.clean_fraction:g}, else Poisson noise at a dose scale "
+            f"log-uniform in [{d.dose_scale:g}, {d.dose_max:g}] + Gaussian read noise σ uniform in "
+            f"[0, {d.read_noise:g}]"
+        )
     return text + f", LR quantised to {d.quantize_levels} levels"
 
 
@@ -304,6 +322,8 @@ def evaluate(
     *,
     split: str | None = None,
     degradation: str = "paper",
+    dose_scale: float | None = None,
+    read_noise: float | None = None,
     limit: int | None = None,
     out: Path | None = None,
     tile: int = 256,
@@ -323,6 +343,8 @@ def evaluate(
         checkpoints=tuple(paths),
         split=split,
         degradation=degradation,
+        dose_scale=dose_scale,
+        read_noise=read_noise,
         limit=limit,
         out=out,
         tile=tile,
