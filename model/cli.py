@@ -109,7 +109,8 @@ def _noise_settings(d: dict) -> str:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def eval_cmd(
     checkpoints: tuple[Path, ...], bicubic_only: bool, data: Path, split: str | None, degradation: str,
-    dose_scale: float | None, read_noise: float | None, limit: int | None, out: Path, tile: int, overlap: int, precision: str, device: str, crops: int,
+    dose_scale: float | None, read_noise: float | None, limit: int | None, out: Path, tile: int, overlap: int,
+    precision: str, device: str, crops: int,
     lpips_backbone: Path | None, lpips_linear: Path | None, threads: int | None, no_progress: bool,
 ) -> None:
     """Score bicubic and checkpoints on degraded images: metrics.json, per_image.csv, report.md, crops/."""

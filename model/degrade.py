@@ -13,7 +13,7 @@ a low-dose acquisition records), then the result is quantised like a stored imag
 Mixed ("blind"): for a node that is not told the dose. Each image (each training crop) is clean
 with probability ``clean_fraction``; otherwise it gets low-dose noise with a dose scale drawn
 log-uniformly from [``dose_scale``, ``dose_max``] and a read noise drawn uniformly from
-[0, ``read_noise``]. :meth:`Degradation.named` gives it a range that contains the "lowdose" setting
+[0, ``read_noise``]. Its defaults (``NOISE_DEFAULTS``) give a range that contains the "lowdose" setting
 (dose 2000, read noise 0.004) and reaches nearly noise-free 8-bit images (dose 1e5: noise σ ≈ 0.6
 grey level at mid-grey).
 """
@@ -28,7 +28,14 @@ from scipy.ndimage import gaussian_filter
 
 SCALE = 4
 BLUR_SIGMA = 1.0
-NAMES = ("paper", "lowdose", "mixed")
+# Each setting's noise parameters where they are not given; "mixed" spans a range that contains the
+# "lowdose" setting (paper has no noise; its values only fill the card).
+NOISE_DEFAULTS = {
+    "paper": {"dose_scale": 2000.0, "read_noise": 0.004},
+    "lowdose": {"dose_scale": 2000.0, "read_noise": 0.004},
+    "mixed": {"dose_scale": 1000.0, "read_noise": 0.006},
+}
+NAMES = tuple(NOISE_DEFAULTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,8 +45,9 @@ class Degradation:
     name: str = "paper"  # "paper" | "lowdose" | "mixed"
     blur_sigma: float = BLUR_SIGMA
     scale: int = SCALE
-    dose_scale: float = 2000.0  # expected photons at signal 1.0 (lowdose; mixed: the lowest dose)
-    read_noise: float = 0.004  # std of Gaussian read noise, in [0, 1] units (lowdose; mixed: the most)
+    # None = the named setting's value (NOISE_DEFAULTS)
+    dose_scale: float | None = None  # expected photons at signal 1.0 (lowdose; mixed: the lowest dose)
+    read_noise: float | None = None  # std of Gaussian read noise, [0, 1] units (lowdose; mixed: the most)
     quantize_levels: int = 255  # LR is rounded to this many levels, like a stored 8-bit image
     dose_max: float = 1e5  # mixed only: the highest dose scale
     clean_fraction: float = 0.25  # mixed only: share of images with no noise at all
@@ -47,6 +55,9 @@ class Degradation:
     def __post_init__(self) -> None:
         if self.name not in NAMES:
             raise ValueError(f"degradation name must be one of {', '.join(NAMES)}, got {self.name!r}")
+        for key, value in NOISE_DEFAULTS[self.name].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         for key, ok, expected in (
             ("blur_sigma", self.blur_sigma >= 0, ">= 0"),
             ("dose_scale", self.dose_scale > 0, "> 0"),
@@ -65,10 +76,7 @@ class Degradation:
 
     @classmethod
     def named(cls, name: str, **overrides: float) -> Degradation:
-        """The named setting (``mixed`` with its dose range 1000-1e5, read noise up to 0.006),
-        with any field overridden, e.g. ``named("lowdose", dose_scale=8000)``."""
-        if name == "mixed":
-            overrides = {"dose_scale": 1000.0, "read_noise": 0.006, **overrides}
+        """The named setting with any field overridden, e.g. ``named("lowdose", dose_scale=8000)``."""
         return cls(name=name, **overrides)
 
     def clean_lr(self, hr: np.ndarray) -> np.ndarray:

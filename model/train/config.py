@@ -108,8 +108,6 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             kwargs[key] = value
     try:
-        if cls is Degradation:  # a named setting's own defaults (mixed: its dose range), then the keys
-            return Degradation.named(kwargs.pop("name", "paper"), **kwargs)
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where or 'config'}: {exc}") from None
