@@ -288,6 +288,54 @@ def train_features_cmd(
     )
 
 
+@model_group.command("export")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--which", type=click.Choice(["auto", "best", "last", "state"]), default="auto", show_default=True,
+              help="For a run folder: best.safetensors, last.safetensors or the EMA weights in state.pt "
+                   "(auto: the first of these that exists).")
+@click.option("--name", default=None, help="Card name (default: OUT's file name, or the source's name for a folder OUT).")
+@click.option("--version", "version", default=None, help="Card version, e.g. 1.3.0 (default: the source's).")
+@click.option("--dtype", type=click.Choice(["fp16", "fp32", "bf16"]), default="fp16", show_default=True,
+              help="Stored precision (fp16 is what model/weights keeps).")
+@click.option("--notes", default=None, help="A sentence for the card's notes.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def export_cmd(
+    source: Path, out: Path, which: str, name: str | None, version: str | None, dtype: str, notes: str | None,
+    force: bool, as_json: bool,
+) -> None:
+    """Write a shippable checkpoint (NAME.safetensors + NAME.json) from a training run or a checkpoint.
+
+    SOURCE is a run folder (its out_dir), a state.pt, or a .safetensors checkpoint; OUT is a
+    .safetensors path or a folder. The written file is reloaded strictly and compared tensor by
+    tensor with the source before this command succeeds.
+    """
+    from model.export import SHIP_LIMIT_MIB, ExportError, export_checkpoint
+
+    try:
+        done = export_checkpoint(
+            source, out, which=which, name=name, version=version, dtype=dtype, notes=notes, overwrite=force
+        )
+    except (ExportError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    info = done.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(
+            f"wrote {info['path']} and {Path(info['card']).name}: {info['name']} {info['version']}, {info['dtype']}, "
+            f"{info['iterations']} iterations, {info['parameters']:,} parameters, {info['size_mib']:.1f} MiB, "
+            f"sha256 {info['sha256'][:12]}… (from {info['source']})"
+        )
+    if done.size_mib > SHIP_LIMIT_MIB:
+        click.echo(
+            f"note: {done.size_mib:.1f} MiB is over the {SHIP_LIMIT_MIB} MiB kept per checkpoint in model/weights "
+            "(every version stays in git's history): ship fp16, or keep it outside the repository",
+            err=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     model_group.main(args=argv)
 

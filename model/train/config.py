@@ -124,3 +124,8 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainCon
             node = node.setdefault(p, {})
         node[leaf] = value
     return _build(TrainConfig, data, str(path))
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Rebuild a config from ``dataclasses.asdict`` output (e.g. the one saved in ``state.pt``)."""
+    return _build(TrainConfig, data, where)

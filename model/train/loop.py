@@ -48,6 +48,46 @@ def stage_lr(config: TrainConfig, it: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def training_card(
+    cfg: TrainConfig,
+    *,
+    iteration: int,
+    elapsed_s: float,
+    parameters: int,
+    train_images: int | None,
+    val_images: int | None,
+    device: str,
+    metrics: dict[str, Any],
+) -> ModelCard:
+    """The card of a checkpoint written by this trainer (or exported from its ``state.pt``)."""
+    stages = {"psnr_iterations": cfg.psnr.iterations, "gan_iterations": cfg.gan.iterations}
+    return ModelCard(
+        name=cfg.name,
+        version=cfg.version,
+        arch=cfg.arch,
+        iterations=iteration,
+        training={
+            "data_root": cfg.data.root,
+            "train_images": train_images,
+            "val_images": val_images,
+            "hr_crop": cfg.data.hr_crop,
+            "batch_size": cfg.data.batch_size,
+            "psnr_stage": asdict(cfg.psnr),
+            "gan_stage": asdict(cfg.gan) if cfg.gan.iterations else None,
+            "stages": stages,
+            "ema": cfg.ema,
+            "seed": cfg.seed,
+            "init_from": cfg.init_from or None,
+            "device": device,
+            "elapsed_s": round(elapsed_s, 1),
+            "parameters": parameters,
+        },
+        degradation=asdict(cfg.degradation),
+        metrics=metrics,
+        licence=cfg.licence,
+    )
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         self.config = config
@@ -245,32 +285,15 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def card(self, metrics: dict[str, Any]) -> ModelCard:
-        cfg = self.config
-        stages = {"psnr_iterations": cfg.psnr.iterations, "gan_iterations": cfg.gan.iterations}
-        return ModelCard(
-            name=cfg.name,
-            version=cfg.version,
-            arch=cfg.arch,
-            iterations=self.iteration,
-            training={
-                "data_root": cfg.data.root,
-                "train_images": len(self.train_files),
-                "val_images": len(self.val_files),
-                "hr_crop": cfg.data.hr_crop,
-                "batch_size": cfg.data.batch_size,
-                "psnr_stage": asdict(cfg.psnr),
-                "gan_stage": asdict(cfg.gan) if cfg.gan.iterations else None,
-                "stages": stages,
-                "ema": cfg.ema,
-                "seed": cfg.seed,
-                "init_from": cfg.init_from or None,
-                "device": str(self.device),
-                "elapsed_s": round(self.elapsed_s, 1),
-                "parameters": count_parameters(self.net),
-            },
-            degradation=asdict(cfg.degradation),
+        return training_card(
+            self.config,
+            iteration=self.iteration,
+            elapsed_s=self.elapsed_s,
+            parameters=count_parameters(self.net),
+            train_images=len(self.train_files),
+            val_images=len(self.val_files),
+            device=str(self.device),
             metrics=metrics,
-            licence=cfg.licence,
         )
 
     def export(self, name: str, metrics: dict[str, Any]) -> Path:
