@@ -245,7 +245,8 @@ def derive(
     _check_source(source)
     now = now or datetime.datetime.now()
     unit, mapping = _to_unit(source)
-    sr = _super_resolve(upscale, unit, model.scale)
+    sr = _super_resolve(upscale, np.clip(unit, 0.0, 1.0), model.scale)  # the model's range
+    sr = pixels.restore_range(sr, unit)  # the ~1 % beyond the robust range, so the map stays exact
     sr, resample_rows, resample_cols = pixels.resample_to_fit(sr, max_output_px)
     out_pixels = pixels.from_unit(sr, mapping)  # (H', W') uint16, MONOCHROME2
     row_ratio = out_pixels.shape[0] / unit.shape[0]  # true per-axis scale, output / source

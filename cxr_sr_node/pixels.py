@@ -4,10 +4,10 @@ The model was trained on display-contrast images; CR/DX stored values are often 
 (10-16 bit, narrow used range, MONOCHROME1). The path is:
 
     stored values --Modality LUT--> modality values v
-    u = clip((v - low) / (high - low), 0, 1)         low, high = 0.5th / 99.5th percentile of v
+    u = (v - low) / (high - low)                      low, high = 0.5th / 99.5th percentile of v
     u = 1 - u                                          for MONOCHROME1, so bone is always bright
-    ... super-resolution on u ...
-    v = low + u * (high - low)                         (after undoing the inversion)
+    sr = SR(clip(u, 0, 1)) + bilinear_x4(u - clip(u, 0, 1))          (see :func:`restore_range`)
+    v = low + sr * (high - low)                        (after undoing the inversion)
     out = v              (MONOCHROME2 source)
     out = out_max - v    (MONOCHROME1 source: flipped, the output is always MONOCHROME2)
     out = clip(round(out), 0, out_max),  out_max = 2**BitsStored - 1,  uint16
@@ -19,6 +19,11 @@ Decisions where DESIGN is silent:
   on modality values, carry over unchanged for MONOCHROME2 sources.
 - The bit depth always comes from BitsStored, never from the observed maximum (BasicSR's
   ``max > 256`` trap): a 16-bit image whose values happen to be < 256 stays a 16-bit image.
+- The map itself is not clipped, so it is exactly invertible for every pixel, the 1 % beyond the
+  robust range included (the densest bone, metal, lead markers, collimated air). The model is
+  trained on [0, 1] and only sees that; what lies beyond it is added back after SR, upsampled
+  bilinearly (no overshoot, so no halo around a marker). Before 2026-11-26 those pixels were
+  clipped to the percentiles: implants and markers came back as flat plateaus.
 - A flat image (robust range of zero width) gets a span of one modality unit so the map stays
   invertible; the model then sees a constant image.
 - Down-sampling in :func:`resample_to_fit` uses Pillow's Lanczos filter on 32-bit float ('F')
@@ -95,7 +100,8 @@ class PixelMapping:
         )
         return (
             f"modality values [{self.low:.6g}, {self.high:.6g}] "
-            f"({ROBUST_LOW_PERCENTILE}-{ROBUST_HIGH_PERCENTILE} percentile) mapped linearly to [0, 1]; "
+            f"({ROBUST_LOW_PERCENTILE}-{ROBUST_HIGH_PERCENTILE} percentile) mapped linearly to [0, 1], "
+            "values beyond it added back after SR (bilinear); "
             f"{polarity}; BitsStored {self.bits_stored} (0-{self.out_max})"
         )
 
@@ -134,9 +140,11 @@ def decode(ds: Dataset) -> np.ndarray:
 
 
 def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
-    """Decode, apply the Modality LUT and map linearly to float32 [0, 1] (bone bright).
+    """Decode, apply the Modality LUT and map linearly so the robust range is [0, 1] (bone bright).
 
-    Returns the (rows, columns) image and the :class:`PixelMapping` that inverts it.
+    Returns the (rows, columns) float32 image and the :class:`PixelMapping` that inverts it. About
+    1 % of the pixels lie outside [0, 1]; the model must get ``np.clip(unit, 0, 1)`` and
+    :func:`restore_range` adds the rest back.
     """
     stored = decode(ds)
     if stored.ndim != 2:
@@ -153,7 +161,7 @@ def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
         invert=_photometric(ds) == "MONOCHROME1",
         bits_stored=int(ds.BitsStored),
     )
-    unit = np.clip((values - low) / mapping.span, 0.0, 1.0)
+    unit = (values - low) / mapping.span  # not clipped: values beyond the robust range survive
     if mapping.invert:
         unit = 1.0 - unit
     return unit.astype(np.float32), mapping
@@ -162,21 +170,36 @@ def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
 def from_unit(sr: np.ndarray, mapping: PixelMapping) -> np.ndarray:
     """Exact inverse of :func:`to_unit`, to MONOCHROME2 uint16 in [0, out_max].
 
-    Input values outside [0, 1] (model overshoot) are clipped first. Raises ValueError for
-    non-finite input.
+    Values outside [0, 1] map linearly beyond ``low``/``high`` (see :func:`restore_range`); only
+    the result is clipped, to what BitsStored allows. Raises ValueError for non-finite input.
     """
     unit = np.asarray(sr, dtype=np.float32)
     if unit.ndim != 2:
         raise ValueError(f"from_unit needs a 2-D image; got shape {unit.shape}")
     if not np.isfinite(unit).all():
         raise ValueError("from_unit got non-finite values (NaN or inf) from the super-resolution output")
-    unit = np.clip(unit, 0.0, 1.0)
     if mapping.invert:
         unit = 1.0 - unit  # back to the source's polarity
     values = np.float32(mapping.low) + unit * np.float32(mapping.span)  # modality values
     if mapping.invert:
         values = np.float32(mapping.out_max) - values  # MONOCHROME1 -> MONOCHROME2
     return np.clip(np.rint(values), 0, mapping.out_max).astype(np.uint16)
+
+
+def restore_range(sr: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Add back to the SR of ``clip(unit, 0, 1)`` what the clip took from ``unit``.
+
+    The excess ``unit - clip(unit, 0, 1)`` (non-zero only beyond the robust range) is upsampled to
+    ``sr``'s shape with Pillow's bilinear filter on float32, which has no negative lobes: a bright
+    marker gets no dark halo. Where ``unit`` is inside [0, 1], ``sr`` is returned unchanged.
+    """
+    unit = np.asarray(unit, dtype=np.float32)
+    excess = unit - np.clip(unit, 0.0, 1.0)
+    if not excess.any():
+        return sr
+    rows, cols = sr.shape
+    up = Image.fromarray(np.ascontiguousarray(excess)).resize((cols, rows), Image.Resampling.BILINEAR)
+    return (np.asarray(sr, dtype=np.float32) + np.asarray(up, dtype=np.float32)).astype(np.float32)
 
 
 def resample_to_fit(img: np.ndarray, max_output_px: int) -> tuple[np.ndarray, float, float]:

@@ -106,6 +106,35 @@ def test_rg1_is_resampled_and_its_spacing_recomputed_per_axis(derived):
     assert f"rows x{row_ratio:.6f}, columns x{col_ratio:.6f}" in out.DerivationDescription
 
 
+def test_a_lead_marker_and_collimated_air_beyond_the_robust_range_keep_their_values():
+    """The brightest and darkest ~1 % (metal, markers, collimation) are not flattened to the
+    percentiles: the model sees [0, 1] only, and what lies beyond comes back after SR."""
+    source = _source(SMALL)  # MONOCHROME1, 10 bit
+    stored = decode(source).astype(np.int64)
+    marker, air = (slice(40, 60), slice(40, 70)), (slice(380, 400), slice(300, 340))
+    stored[marker] = 3  # MONOCHROME1: lowest = brightest on display, a lead marker
+    stored[air] = 1020  # darkest, beyond anything else in the image
+    source.PixelData = stored.astype(np.uint16).tobytes()
+    seen = []
+
+    def upscale(unit: np.ndarray) -> np.ndarray:
+        seen.append((float(unit.min()), float(unit.max())))
+        return bicubic_upscale(unit)
+
+    out = derive(source, upscale, model=MODEL, node=NODE, max_output_px=MAX_OUTPUT_PX)
+    assert seen and 0.0 <= seen[0][0] and seen[0][1] <= 1.0  # the model only sees its range
+    _, mapping = to_unit(source)
+    assert mapping.low > 3 and mapping.high < 1020  # both regions lie beyond the robust range
+    values = out.pixel_array.astype(np.int64)  # MONOCHROME2: out_max - stored
+    inner = lambda region: tuple(slice(4 * r.start + 8, 4 * r.stop - 8) for r in region)  # noqa: E731
+    assert np.abs(values[inner(marker)] - (1023 - 3)).max() <= 1
+    assert np.abs(values[inner(air)] - (1023 - 1020)).max() <= 1
+    # no halo: around the marker the output stays within the source's neighbourhood range
+    ring = values[4 * 30 : 4 * 40, 4 * 40 : 4 * 70]
+    neighbourhood = 1023 - stored[28:40, 38:72]
+    assert ring.min() >= neighbourhood.min() - 2 and ring.max() <= 1023 - 3
+
+
 def test_spacing_is_divided_by_exactly_4_without_resampling():
     source = chest(SMALL)
     source.PixelSpacing = [0.2, 0.175]
