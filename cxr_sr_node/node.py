@@ -15,6 +15,7 @@ and jobs whose worker's lease expired.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.spool = Spool(config.spool)
+        self._lock_fd: int | None = None
         self.tracker = SeriesTracker()
         self.metrics = Metrics(self.spool)
         self.scp = StorageSCP(config, self.spool, self.tracker, on_store=self.metrics.stored)
@@ -93,7 +95,10 @@ class Node:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_for_workers_s: float = 300.0) -> None:
+        self._lock_fd = self.spool.lock_for_node()  # before anything touches jobs or leases
         fixed = self.spool.recover()
+        if self.queue is None:  # embedded: no lease can belong to a live process now
+            fixed["leases_expired"] = self.spool.expire_leases()
         log.info("spool.recovered", root=str(self.spool.root), **fixed, **self.spool.counts())
         ctx = mp.get_context("spawn")
         events = []
@@ -142,6 +147,9 @@ class Node:
             self._http.shutdown()
         if self.queue is not None:
             self.queue.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         log.info("node.stopped")
 
     def health(self) -> tuple[bool, dict]:

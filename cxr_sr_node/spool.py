@@ -20,6 +20,7 @@ a crash between the two. Nothing here imports torch.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -90,6 +91,10 @@ def safe_name(uid: str) -> str:
 
 class LeaseLost(RuntimeError):
     """A worker tried to record the outcome of a job it no longer holds (its lease was taken over)."""
+
+
+class SpoolInUse(RuntimeError):
+    """Another node process holds this spool."""
 
 
 @dataclass(frozen=True)
@@ -481,6 +486,45 @@ class Spool:
             tmp.unlink(missing_ok=True) if tmp.is_file() else shutil.rmtree(tmp, ignore_errors=True)
             fixed["tmp_removed"] += 1
         return fixed
+
+    def lock_for_node(self) -> int:
+        """Hold the spool for this node process; returns the lock's file descriptor (close it to
+        release; the kernel releases it when the process dies, ``kill -9`` included).
+
+        One ``serve`` per spool: a second node would take the first one's jobs and, at its start,
+        end their leases (:meth:`expire_leases`). ``status``, ``check`` and ``retry`` do not lock.
+        Raises :class:`SpoolInUse` naming the holder's pid.
+        """
+        path = self.root / "node.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolInUse(
+                f"spool {self.root} is in use by another cxr-sr-node serve (pid {holder}); stop that node "
+                "first, or give this one its own --spool"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def expire_leases(self) -> int:
+        """End every lease now (jobs running or sending); returns how many.
+
+        For the embedded runner at start: its workers and sender are children and threads of the
+        node process, so when the node starts, every lease in the table belongs to a process that
+        is gone, and waiting ``lease_s`` (15 min by default) for it would only delay the job. The
+        job is then claimed as a lost one: its attempt counts, and ``max_attempts`` still ends a
+        job that kills its worker every time. Not for the Celery runner, whose workers outlive the
+        node.
+        """
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET lease_until = 0 WHERE state IN ('running', 'sending') AND lease_until > 0"
+            )
+            return cursor.rowcount
 
     def purge_done(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s

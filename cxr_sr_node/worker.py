@@ -11,8 +11,10 @@ the spool's table until told to stop (SIGTERM finishes the current job first).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -160,9 +162,34 @@ def run_one(spool: Spool, engine: Engine, config: NodeConfig) -> bool:
     return True
 
 
+def _exit_with_the_node() -> None:
+    """Exit when the node process that started this worker is gone.
+
+    A ``kill -9`` (or OOM kill) of the node leaves its spawned worker re-parented to init, still
+    holding the model (GPU memory) and polling the spool with the old config; after a restart two
+    workers would run. A daemon thread waits on the parent's sentinel and ends this process at
+    once, as a crash would: its job's lease is released by the restarted node (see
+    ``Spool.expire_leases``), and outputs are only ever renamed into place whole.
+    """
+    parent = mp.parent_process()
+    if parent is None:  # run in-process (tests, a debugger): nothing to watch
+        return
+
+    def watch() -> None:
+        parent.join()
+        log.error("worker.node_gone", pid=os.getpid(),
+                  reason="the node process exited without stopping this worker; exiting so a restart takes its job")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="node-watch", daemon=True).start()
+
+
 def worker_main(config: NodeConfig, ready: Any = None, poll_s: float = 0.5) -> None:
     """Child-process entry point (multiprocessing 'spawn')."""
     configure_logging(config.log_level, json=config.log_json)
+    _exit_with_the_node()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop

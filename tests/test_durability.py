@@ -110,3 +110,80 @@ def test_sigterm_finishes_and_restart_resumes_unfinished_jobs(tmp_path, storescp
         node.send_signal(signal.SIGTERM)
         node.wait(60)
     assert spool.get(job_id).attempts == 2
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with open(task / "children") as f:
+            found.update(int(c) for c in f.read().split())
+    return found
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except FileNotFoundError:
+        return False
+    return b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_one_node_per_spool_and_kill_9_takes_the_worker_along(tmp_path):
+    """A second serve on a spool in use is refused by name; a kill -9 of the node does not leave
+    its worker running (re-parented to init, holding the model) beside the next node's."""
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    spool, log = tmp_path / "spool", tmp_path / "node.log"
+    args = ("--workers", "1", "--checkpoint", str(checkpoint), "--device", "cpu")
+    node = start_node(spool, free_port(), *args, log=log)
+    try:
+        workers = wait_until(lambda: {p for p in _children(node.pid) if _is_worker(p)} or None, 60, "the worker")
+        second = subprocess.run(
+            [sys.executable, "-m", "cxr_sr_node.cli", "serve", "--port", str(free_port()), "--bind", "127.0.0.1",
+             "--spool", str(spool), *args], capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).resolve().parents[1])
+        assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"in use by another cxr-sr-node serve (pid {node.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
+        wait_until(lambda: not any(_alive(p) for p in workers), 20, "the worker to exit with its node")
+        assert "worker.node_gone" in log.read_text()
+        node = start_node(spool, free_port(), *args, log=log)  # the kernel released the lock
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(60)
+    assert node.returncode == 0, log.read_text()[-3000:]
+
+
+def test_a_restart_takes_a_dead_workers_job_at_once_not_after_its_lease(tmp_path):
+    """A job left 'running' under a 15-minute lease by a node that died is done right after a restart."""
+    from cxr_sr_node.spool import Spool
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    spool = Spool(tmp_path / "spool")
+    src = CHEST_DIR / "CR-MONO1-10-chest.dcm"
+    ds = pydicom.dcmread(src, force=True)
+    staged = spool.tmp_dir / "x.dcm"
+    staged.write_bytes(src.read_bytes())
+    spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                          sop_uid=ds.SOPInstanceUID, calling_ae="MODALITY", address="127.0.0.1")
+    (series,) = spool.incoming_series()
+    job_id = spool.create_job(series)
+    spool.claim(stage="process", lease_s=900, max_attempts=3)  # the node died with this lease held
+    log = tmp_path / "node.log"
+    node = start_node(spool.root, free_port(), "--workers", "1", "--checkpoint", str(checkpoint), "--device", "cpu",
+                      log=log)
+    try:
+        wait_until(lambda: spool.get(job_id).state == "done", 90, "the job to be taken again and finished")
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(60)
+    assert spool.get(job_id).attempts == 2
+    assert '"leases_expired": 1' in log.read_text() or "leases_expired=1" in log.read_text()
