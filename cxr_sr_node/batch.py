@@ -64,6 +64,12 @@ def read_header(path: Path) -> pydicom.Dataset | None:
 
 
 def output_path(out_dir: Path, header: pydicom.Dataset, model_sha256: str) -> Path:
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID") if not str(header.get(k, "") or "").strip()]
+    if missing:
+        raise ValueError(
+            f"the file has no {' or '.join(missing)}: a derived image joins its source's study as a new "
+            "series, so both UIDs are needed; add them to the source (e.g. dcmodify -i) and run again"
+        )
     study = str(header.StudyInstanceUID)
     series = derived_uid("series", str(header.SeriesInstanceUID), model_sha256, __version__)
     sop = derived_uid("sop", str(header.SOPInstanceUID), model_sha256, __version__)
@@ -90,7 +96,12 @@ def run_batch(in_dir: Path, out_dir: Path, config: NodeConfig, *, recursive: boo
             continue
         if engine is None:
             engine = Engine.load(config)
-        target = output_path(out_dir, header, engine.model.sha256)
+        try:
+            target = output_path(out_dir, header, engine.model.sha256)
+        except ValueError as exc:
+            summary.failed.append((str(path), str(exc)))
+            log.error("instance.failed", file=path.name, error=str(exc))
+            continue
         if target.exists():
             summary.already_done += 1
             continue

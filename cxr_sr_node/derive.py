@@ -51,6 +51,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset, config
 from pydicom.charset import convert_encodings, encode_string
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     HTJ2K,
@@ -220,7 +221,10 @@ def series_description(source: Dataset) -> str:
     """Source SeriesDescription + marker + disclaimer, at most 64 characters (see module docstring)."""
     dash = EM_DASH if _can_encode(EM_DASH, source.get("SpecificCharacterSet")) else ASCII_DASH
     suffix = f"{SERIES_MARKER} {dash} {DISCLAIMER}"
-    base = str(source.get("SeriesDescription", "") or "").strip()
+    value = source.get("SeriesDescription", "") or ""
+    if isinstance(value, MultiValue):  # LO is single-valued; some sources send several anyway
+        value = " ".join(str(v) for v in value)
+    base = str(value).strip()
     room = LO_MAX_CHARS - len(suffix) - 1
     base = base[:room].rstrip()
     return f"{base} {suffix}" if base else suffix

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
@@ -172,12 +173,15 @@ def check(
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    return str(ds.get(keyword, "") or "").strip().upper()
+    value = ds.get(keyword, "") or ""
+    if isinstance(value, MultiValue):  # several values where one is expected: the DICOM form, not a list repr
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip().upper()
 
 
 def _found(ds: Dataset, keyword: str) -> str:
     value = _text(ds, keyword)
-    return f"{keyword} is {value!r}" if value else f"{keyword} is absent"
+    return f"{keyword} is '{value}'" if value else f"{keyword} is absent"  # as written, backslashes single
 
 
 def _description_anatomy(ds: Dataset) -> tuple[str, str] | None:

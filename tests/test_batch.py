@@ -84,6 +84,18 @@ def test_batch_cli_prints_summary_and_exit_code(tmp_path, checkpoint):
     assert summary(failed.stdout)["failed"] == 1 and summary(failed.stdout)["already done"] == 1
     assert "broken.dcm" in failed.stderr and "cannot be decoded" in failed.stderr
 
+    # a chest CR without StudyInstanceUID (nowhere to file it) fails by name; the rest still runs
+    no_study = pydicom.dcmread(DICOM_DIR / "chest" / "CR-MONO1-10-chest.dcm", force=True)
+    del no_study.StudyInstanceUID
+    no_study.SOPInstanceUID = pydicom.uid.generate_uid()
+    no_study.save_as(src / "no_study.dcm")
+    shutil.copy(DICOM_DIR / "chest" / "CR-MONO1-10-chest.dcm", src / "again.dcm")
+    missing = subprocess.run([*cmd, "--recursive"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    rows = summary(missing.stdout)
+    assert rows["failed"] == 2 and rows["already done"] == 2  # broken + no_study; a.dcm and its copy
+    assert "no_study.dcm" in missing.stderr and "has no StudyInstanceUID" in missing.stderr
+
 
 def test_batch_requires_existing_input(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", "batch", str(tmp_path / "nope"), str(tmp_path / "o")],

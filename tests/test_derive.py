@@ -358,6 +358,12 @@ def test_long_series_description_is_cut_keeping_the_marker():
     assert description.endswith(f"{SERIES_MARKER} - not for primary diagnosis")
 
 
+def test_a_multi_valued_series_description_is_joined_not_written_as_a_list():
+    source = chest(SMALL)
+    source.SeriesDescription = ["CHEST", "PA"]  # LO is single-valued; some sources send two anyway
+    assert series_description(source) == f"CHEST PA {SERIES_MARKER} - not for primary diagnosis"
+
+
 # -- files ---------------------------------------------------------------------------------------------
 
 

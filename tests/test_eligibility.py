@@ -84,6 +84,12 @@ def test_reasons_name_what_was_found_and_what_is_expected():
     assert check(other("genFile.dcm")).reason == "Modality is absent; only CR, DX, DR are processed"
 
 
+def test_a_multi_valued_attribute_is_named_in_its_dicom_form():
+    ds = chest("test1.dcm")
+    ds.BodyPartExamined = ["CHEST", "ABDOMEN"]
+    assert check(ds).reason == "BodyPartExamined is 'CHEST\\ABDOMEN'; only CHEST is processed"
+
+
 def test_the_rule_ids_are_the_documented_ones():
     assert [rule.id for rule in RULES] == [
         "own_output", "modality", "body_part", "position", "pixel_data", "samples_per_pixel", "photometric",
