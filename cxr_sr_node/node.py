@@ -192,8 +192,12 @@ class Node:
                 if self.queue is not None and time.monotonic() - last_reconcile > self.reconcile_interval_s:
                     self.reconcile_once()
                     last_reconcile = time.monotonic()
-                if time.monotonic() - last_purge > 3600:
+                if time.monotonic() - last_purge > 600:
                     self.spool.purge_done(self.config.keep_done_days * 86400)
+                    # far beyond any live transfer: data keeps arriving or pynetdicom aborts it
+                    stale = self.spool.sweep_tmp(max(3600.0, 10 * self.config.network_timeout_s))
+                    if stale:
+                        log.warning("spool.tmp_swept", files=stale, reason="left by aborted transfers")
                     last_purge = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - keep scheduling; the error is logged
                 log.error("scheduler.error", error=f"{type(exc).__name__}: {exc}")

@@ -8,6 +8,7 @@ the header only, fsyncs, renames the file into ``spool/incoming`` and only then 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -221,6 +222,33 @@ class StorageSCP:
         rq = event.assoc.requestor
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(f"association.{outcome}", calling_ae=rq.ae_title.strip(), address=rq.address, assoc_id=id(event.assoc))
+        if outcome == "aborted":
+            self._discard_partial(event.assoc)
+
+    def _discard_partial(self, assoc: Any) -> None:
+        """Delete the instance an aborted association was still sending.
+
+        pynetdicom writes a chunked C-STORE into a temporary file in ``spool/tmp`` and deletes it
+        only after the handler ran; a transfer cut off mid-instance (peer killed, cable pulled)
+        leaves it there, and a peer that keeps dropping large transfers would fill the disk until
+        every store is refused. The in-progress message is pynetdicom's ``assoc.dimse.message``
+        (private attributes, read defensively); ``Spool.sweep_tmp`` is the backstop for anything
+        this misses. Nothing here was acknowledged, so nothing acknowledged is lost.
+        """
+        message = getattr(getattr(assoc, "dimse", None), "message", None)
+        handle, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
+        if path is None or Path(path).parent.resolve() != self.spool.tmp_dir.resolve():
+            return
+        with contextlib.suppress(OSError):
+            if handle is not None:
+                handle.close()
+        try:
+            size = Path(path).stat().st_size
+            Path(path).unlink()
+        except OSError:
+            return
+        log.info("store.partial_discarded", assoc_id=id(assoc), bytes=size,
+                 reason="association aborted mid-instance; nothing of it was acknowledged")
 
     def handle_echo(self, event: evt.Event) -> int:
         log.info("echo.received", calling_ae=event.assoc.requestor.ae_title.strip())

@@ -526,6 +526,26 @@ class Spool:
             )
             return cursor.rowcount
 
+    def sweep_tmp(self, older_than_s: float) -> int:
+        """Delete files in ``tmp/`` untouched for ``older_than_s``; returns how many.
+
+        ``tmp/`` holds files on their way into the spool (written, fsynced, renamed within
+        moments) and pynetdicom's chunked receives, which grow while data arrives and are aborted
+        after the network timeout. A file idle far longer than both belongs to nobody: an aborted
+        transfer the SCP did not clean up (see ``StorageSCP._discard_partial``). At start,
+        :meth:`recover` empties ``tmp/`` entirely.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.tmp_dir.iterdir():
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+        return removed
+
     def purge_done(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
         removed = 0

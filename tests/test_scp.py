@@ -204,6 +204,50 @@ def test_free_disk_floor_refuses_with_out_of_resources(tmp_path):
     assert stored == []
 
 
+def test_a_transfer_cut_off_mid_instance_leaves_no_partial_file(tmp_path):
+    """storescu killed while sending a large instance: nothing was acknowledged, and the chunk
+    file pynetdicom was writing in spool/tmp is removed when the association ends."""
+    import signal
+    import subprocess
+
+    import numpy as np
+
+    from tests.peers import peer_env
+
+    big = tmp_path / "big.dcm"
+    ds = pydicom.dcmread(DATA / "chest" / "test1.dcm")
+    ds.SOPInstanceUID = generate_uid()
+    ds.set_pixel_data(np.zeros((4000, 4000), np.uint16), "MONOCHROME2", 12)  # 32 MB
+    ds.save_as(big, enforce_file_format=True)
+    with running_scp(tmp_path, max_pdu=4096) as scp:  # small PDUs: the transfer takes a while
+        tmp_dir = scp.spool.tmp_dir
+        sender = subprocess.Popen(["storescu", "-aet", "MODALITY", "-aec", "CXRSR", "127.0.0.1", str(scp.port),
+                                   str(big)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=peer_env())
+        try:
+            wait_until(lambda: any(f.stat().st_size > 2**20 for f in tmp_dir.glob("*.dcm")) or sender.poll() is not None,
+                       60, "a partly received instance in spool/tmp")
+            assert sender.poll() is None, "the transfer finished before it could be cut off; make it larger"
+        finally:
+            sender.send_signal(signal.SIGKILL)
+            sender.wait(10)
+        wait_until(lambda: not any(tmp_dir.iterdir()), 30, "spool/tmp to be empty")
+        assert incoming_files(scp) == []
+        # and the node still serves
+        assert send_as_is(scp.port, DATA / "chest" / "test1.dcm") == statuses.SUCCESS
+
+
+def test_sweep_tmp_removes_only_files_idle_past_the_limit(tmp_path):
+    import os
+
+    spool = Spool(tmp_path / "spool")
+    old, fresh = spool.tmp_dir / "old.dcm", spool.tmp_dir / "fresh.dcm"
+    old.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"y" * 10)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert spool.sweep_tmp(3600) == 1
+    assert sorted(p.name for p in spool.tmp_dir.iterdir()) == ["fresh.dcm"]
+
+
 def test_series_tracker_completes_after_release_and_idle():
     tracker = SeriesTracker()
     key = ("1.2", "1.2.3")
