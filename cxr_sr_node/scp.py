@@ -298,6 +298,11 @@ class StorageSCP:
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, fields
         fields.update(series_instance_uid=uids["SeriesInstanceUID"], study_instance_uid=uids["StudyInstanceUID"],
                       sop_instance_uid=uids["SOPInstanceUID"])
+        short = eligibility.short_native_pixel_data(path)
+        if short:
+            self.spool.quarantine(path, reason=short, calling_ae=calling, address=address)
+            fields["reason"] = short
+            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, fields
         if self.config.reject_ineligible and not eligibility.is_own_output(header, self.config.device_uid):
             verdict = eligibility.check(header, require_body_part=self.config.require_body_part, header_only=True,
                                         own_device_uid=self.config.device_uid, decode=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 SUCCESS = 0x0000
 # C-STORE failures (PS3.4 B.2.3)
 OUT_OF_RESOURCES = 0xA700  # disk below the free-space floor, instance too large, spool write failed
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # header lacks what the node needs (UIDs)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # lacks the UIDs the node needs, or native Pixel Data shorter than its header says
 CANNOT_UNDERSTAND = 0xC000  # not a parseable dataset; quarantined
 NOT_AUTHORISED = 0x0124  # calling AE not in the allow-list (also rejected at association)
 SOP_CLASS_NOT_SUPPORTED = 0x0122

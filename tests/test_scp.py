@@ -185,6 +185,26 @@ def test_dataset_without_uids_is_refused_and_quarantined(tmp_path):
     assert "lacks StudyInstanceUID" in quarantined[0].with_suffix(".reason.json").read_text()
 
 
+def test_pixel_data_shorter_than_its_header_needs_is_refused_and_quarantined(tmp_path):
+    """Half the pixel bytes of a 1024 x 1024 image: refused as malformed before it is acknowledged
+    (it would otherwise be stored with 0x0000 and later skipped as undecodable)."""
+    ds = pydicom.dcmread(DATA / "chest" / "test1.dcm")
+    ds.SOPInstanceUID = generate_uid()
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    cut = tmp_path / "cut.dcm"
+    ds.save_as(cut, enforce_file_format=True)
+    with running_scp(tmp_path) as scp:
+        status = send_as_is(scp.port, cut)
+        fine = send_as_is(scp.port, DATA / "chest" / "test2.dcm")
+        quarantined = sorted((scp.spool.root / "quarantine").glob("*.dcm"))
+        stored = incoming_files(scp)
+    assert status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert fine == statuses.SUCCESS and len(stored) == 1
+    assert len(quarantined) == 1
+    reason = json.loads(quarantined[0].with_suffix(".reason.json").read_text())["reason"]
+    assert "Pixel Data is 524288 bytes" in reason and "need 1048576" in reason
+
+
 def test_reject_ineligible_refuses_with_named_status(tmp_path):
     with running_scp(tmp_path, reject_ineligible=True) as scp:
         ct = send_as_is(scp.port, DATA / "other" / "test5.dcm")
