@@ -45,7 +45,7 @@ def train_cmd(config: Path, sets: tuple[str, ...], max_minutes: float | None, th
     import torch
 
     from model.train.config import load_config
-    from model.train.loop import Trainer
+    from model.train.loop import ResumeError, Trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -53,7 +53,10 @@ def train_cmd(config: Path, sets: tuple[str, ...], max_minutes: float | None, th
         trainer = Trainer(load_config(config, _parse_set(sets)), progress=not no_progress)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    result = trainer.run(max_minutes=max_minutes)
+    try:
+        result = trainer.run(max_minutes=max_minutes)
+    except ResumeError as exc:  # the state.pt in out_dir does not fit this config
+        raise click.ClickException(str(exc)) from None
     if result.suffix == ".pt":
         click.echo(f"stopped before the end; run the same command again to resume from {result}")
     else:

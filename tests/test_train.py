@@ -236,6 +236,47 @@ def test_more_iterations_continue_a_finished_run(data_root, tmp_path):
     assert read_card(out / "last.safetensors").iterations == 2
 
 
+def test_resume_with_another_config_is_refused_naming_what_differs(data_root, tmp_path):
+    out = tmp_path / "out"
+    path = write_config(tmp_path / "a.toml", data_root, out, psnr={"iterations": 4})
+    assert train(load_config(path), max_minutes=1e-9, progress=False) == out / "state.pt"
+    before = (out / "state.pt").read_bytes()
+    result = CliRunner().invoke(model_group, ["train", str(path), "--set", "psnr.lr=0.01", "--set", "seed=5"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "psnr.lr: 0.0002 -> 0.01" in result.output and "seed: 0 -> 5" in result.output
+    assert "another out_dir" in result.output
+    assert (out / "state.pt").read_bytes() == before  # nothing trained, nothing overwritten
+    # what may change on resume (a longer schedule, how often it validates) still resumes
+    ok = CliRunner().invoke(model_group, ["train", str(path), "--set", "psnr.iterations=5", "--set", "val_every=2",
+                                          "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    assert [r["iteration"] for r in loss_lines(read_log(out))] == [1, 2, 3, 4, 5]
+
+
+def test_a_damaged_state_file_is_named_without_a_traceback(data_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "state.pt").write_bytes(b"garbage\n")
+    path = write_config(tmp_path / "a.toml", data_root, out)
+    result = CliRunner().invoke(model_group, ["train", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "state.pt cannot be read as a training state" in result.output and "delete it" in result.output
+
+
+def test_a_bad_perceptual_source_fails_before_the_psnr_stage(data_root, tmp_path):
+    out = tmp_path / "out"
+    path = write_config(tmp_path / "a.toml", data_root, out, psnr={"iterations": 2},
+                        gan={"iterations": 2, "perceptual": str(tmp_path / "vgg19.pth")})
+    result = CliRunner().invoke(model_group, ["train", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "gan.perceptual" in result.output and "vgg19.pth" in result.output
+    assert not (out / "log.jsonl").exists()  # refused before the first iteration
+    bad_layer = write_config(tmp_path / "b.toml", data_root, out, psnr={"iterations": 2},
+                             gan={"iterations": 2, "perceptual": "random_vgg19", "perceptual_layer": "conv9"})
+    result = CliRunner().invoke(model_group, ["train", str(bad_layer)])
+    assert result.exit_code == 1 and "conv9" in result.output and "Traceback" not in result.output
+
+
 def test_gan_stage_logs_its_losses_and_resumes(data_root, tmp_path):
     out = tmp_path / "out"
     gan = {"iterations": 2, "perceptual": "random_vgg19", "perceptual_layer": "conv2_2", "disc_feat": 8}

@@ -48,6 +48,42 @@ def stage_lr(config: TrainConfig, it: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * t))
 
 
+class ResumeError(ValueError):
+    """``state.pt`` cannot be resumed with this config; the message names the file and what differs."""
+
+
+# May differ between the sitting that wrote state.pt and the one resuming it: names, where and how
+# fast it runs, how often it logs/validates/saves, and the schedule's length (more iterations
+# continue a finished run; the cosine then stretches over the new total).
+RESUMABLE_CHANGES = frozenset({
+    "name", "version", "licence", "out_dir", "device", "amp", "compile", "compile_mode", "val_every",
+    "save_every", "log_every", "psnr.iterations", "gan.iterations",
+})
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved, current)}`` for what differs, except :data:`RESUMABLE_CHANGES`.
+
+    Keys only one side has (a setting added or removed since the state was written) are not
+    compared: the state was written before they existed."""
+    old, new = _flatten(saved), _flatten(current)
+    return {
+        k: (old[k], new[k])
+        for k in sorted(set(old) & set(new))
+        if k not in RESUMABLE_CHANGES and old[k] != new[k]
+    }
+
+
 def training_card(
     cfg: TrainConfig,
     *,
@@ -133,6 +169,15 @@ class Trainer:
         self.disc: Discriminator | None = None
         self.opt_d: torch.optim.Optimizer | None = None
         self.perceptual = None
+        self._perceptual_built = None
+        if config.gan.iterations:  # fail fast: not after the whole PSNR stage (200k iterations for paper)
+            g = config.gan
+            try:
+                self._perceptual_built = build_perceptual(g.perceptual, g.perceptual_layer, seed=config.seed)
+            except (OSError, KeyError, ValueError, RuntimeError) as exc:
+                raise ValueError(
+                    f"gan.perceptual = {g.perceptual!r}, gan.perceptual_layer = {g.perceptual_layer!r}: {exc}"
+                ) from None
         self.iteration = 0
         self.best_psnr = -math.inf
         self.elapsed_s = 0.0
@@ -155,7 +200,8 @@ class Trainer:
         self.opt = self._adam(self.net, g.lr)
         self.disc = Discriminator(num_feat=g.disc_feat).to(self.device)
         self.opt_d = self._adam(self.disc, g.lr)
-        self.perceptual = build_perceptual(g.perceptual, g.perceptual_layer, seed=self.config.seed).to(self.device)
+        built = self._perceptual_built or build_perceptual(g.perceptual, g.perceptual_layer, seed=self.config.seed)
+        self.perceptual = built.to(self.device)
 
     def save_state(self) -> None:
         state = {
@@ -182,11 +228,26 @@ class Trainer:
         # it. (map_location=cuda left a non-fused Adam's "step" counters on the GPU, which then
         # synchronised once per parameter per step: the likely reason a resumed run on an H200 made
         # 13-16 it/s where a fresh one made 22-25. Adam is fused on CUDA now; neither re-measured.)
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        if state["config"]["arch"] != asdict(self.config.arch):
-            raise ValueError(
-                f"{self.state_path} was written for architecture {state['config']['arch']}, not "
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            saved = state["config"]
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+            raise ResumeError(
+                f"{self.state_path} cannot be read as a training state ({type(exc).__name__}: {exc}); "
+                "delete it to start this run over, or set another out_dir"
+            ) from None
+        if saved["arch"] != asdict(self.config.arch):
+            raise ResumeError(
+                f"{self.state_path} was written for architecture {saved['arch']}, not "
                 f"{asdict(self.config.arch)}; use another out_dir"
+            )
+        changed = config_changes(saved, asdict(self.config))
+        if changed:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ResumeError(
+                f"{self.state_path} was written with another config ({listed}). Resuming would mix the "
+                "two silently (and the card would record only the new one): restore those values to "
+                "resume, or set another out_dir (with init_from = a checkpoint) to start a new run"
             )
         self.iteration = state["iteration"]
         if state["disc"] is not None:
