@@ -74,6 +74,8 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: Path) -> ModelCard:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: a model card must be a JSON object, not a {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise CheckpointError(f"{source}: 'format' is {data.get('format')!r}, expected {FORMAT!r}")
         version = data.get("format_version")

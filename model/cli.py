@@ -108,13 +108,15 @@ def _noise_settings(d: dict) -> str:
               help="torchvision AlexNet state dict (alexnet-owt-7be5be79.pth); needs --lpips-linear.")
 @click.option("--lpips-linear", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="LPIPS v0.1 linear weights (alex.pth from the lpips package); needs --lpips-backbone.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Image i's degradation uses seed + i (a training run validates with its config's seed).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def eval_cmd(
     checkpoints: tuple[Path, ...], bicubic_only: bool, data: Path, split: str | None, degradation: str,
     dose_scale: float | None, read_noise: float | None, limit: int | None, out: Path, tile: int, overlap: int,
     precision: str, device: str, crops: int,
-    lpips_backbone: Path | None, lpips_linear: Path | None, threads: int | None, no_progress: bool,
+    lpips_backbone: Path | None, lpips_linear: Path | None, seed: int, threads: int | None, no_progress: bool,
 ) -> None:
     """Score bicubic and checkpoints on degraded images: metrics.json, per_image.csv, report.md, crops/."""
     import torch
@@ -144,6 +146,7 @@ def eval_cmd(
             device=device,
             crops=crops,
             lpips_files=(lpips_backbone, lpips_linear) if lpips_backbone else None,
+            seed=seed,
             progress=not no_progress,
         )
     except _model_errors() as exc:

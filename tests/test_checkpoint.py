@@ -213,6 +213,13 @@ def test_card_that_is_not_json_is_refused(saved):
         load_checkpoint(path)
 
 
+def test_card_that_is_json_but_not_an_object_is_refused(saved):
+    path, _ = saved
+    card_path(path).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must be a JSON object, not a list"):
+        load_checkpoint(path)
+
+
 def test_update_card_keeps_weights_untouched(saved):
     path, net = saved
     before = path.read_bytes()

@@ -388,6 +388,23 @@ def test_validation_scores_what_model_eval_scores(data_root, tmp_path, degradati
     assert scores["val_ssim"] == pytest.approx(bicubic["ssim"], abs=1e-6)
 
 
+def test_model_eval_seed_reproduces_a_seeded_run_s_validation(data_root, tmp_path):
+    """The low-dose and dose-blind fine-tunes validate with seed 1: `model eval --seed 1` sees their LR."""
+    extra = '[degradation]\nname = "lowdose"\n'
+    cfg = load_config(write_config(tmp_path / "v.toml", data_root, tmp_path / "out", extra=extra), {"seed": 1})
+    scores = Trainer(cfg, progress=False).validate()
+    runs = {}
+    for seed in (1, 0):
+        out = tmp_path / f"eval{seed}"
+        result = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(data_root), "--split", "val",
+                                                  "--degradation", "lowdose", "--seed", str(seed), "--crops", "0",
+                                                  "--device", "cpu", "--out", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        runs[seed] = json.loads((out / "metrics.json").read_text())["methods"]["bicubic"]
+    assert scores["val_psnr_db"] == pytest.approx(runs[1]["psnr_db"], abs=1e-4)
+    assert runs[0]["psnr_db"] != pytest.approx(runs[1]["psnr_db"], abs=1e-4)  # the seed is what made them equal
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "model" / "configs").glob("*.toml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_its_generator(path):

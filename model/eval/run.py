@@ -1,8 +1,8 @@
 """An evaluation run: bicubic and one or more checkpoints on the same degraded images.
 
 For each image: HR = the file (cropped to a multiple of 4), LR = the named degradation of HR with
-``np.random.default_rng(seed + index)`` (the same LR for every method, and the same seeds as the
-training loop's validation), then every method upscales LR x4. Outputs are quantised to the HR's
+``np.random.default_rng(seed + index)`` (the same LR for every method; with ``--seed`` equal to a
+training config's ``seed``, the same LR as that run's validation), then every method upscales LR x4. Outputs are quantised to the HR's
 levels (255 for 8-bit files, 65535 for 16-bit) before scoring, like a saved image. Bicubic is
 torch's ``F.interpolate(mode="bicubic", align_corners=False)``, which is exactly the generator's
 global skip path, so a zero-residual model scores the same as bicubic.
