@@ -7,6 +7,7 @@ maximum, so a dark 16-bit image is not mistaken for an 8-bit one.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,21 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+_VARIANT = re.compile(r"^(.*\d)[A-Za-z]$")
+
+
 def group_key(path: Path) -> str:
-    """Patient-level key: NIH names are ``<patient>_<followup>.png``; otherwise the whole stem."""
-    return path.stem.split("_")[0]
+    """Patient-level key, so one patient's images share a split.
+
+    NIH ChestX-ray14 names are ``<patient>_<followup>.png``: the part before the first ``_``.
+    Otherwise a single letter after the number is an image variant of one patient (Figure 1
+    COVID-19: ``COVID-00003a.jpg``, ``COVID-00003b.jpg`` are patient ``COVID-00003``) and is
+    dropped; any other stem is its own group. For other naming schemes, ship the split as
+    ``train/``, ``val/`` and ``test/`` folders (:func:`split_files` then uses them as they are).
+    """
+    stem = path.stem.split("_")[0]
+    variant = _VARIANT.match(stem)
+    return variant.group(1) if variant else stem
 
 
 def split_of(path: Path, *, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,20 @@ def test_flat_folder_hash_split_keeps_each_patient_in_one_split(tmp_path):
     assert {s: split_files(tmp_path, s) for s in splits} == splits
     assert split_of(Path("elsewhere/00042_007.png")) == split_of(tmp_path / "00042_000.png")
     assert group_key(Path("00001_001.png")) == "00001" and group_key(Path("scan.png")) == "scan"
+
+
+def test_figure1_covid_variants_of_one_patient_share_a_split():
+    """COVID-00003a and COVID-00003b are one patient (metadata.csv lists COVID-00003 once)."""
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "covid_figure1" / "images"
+    if not folder.is_dir():
+        pytest.skip(f"shared data not at {folder}")
+    by_patient: dict[str, set[str]] = {}
+    for path in folder.iterdir():
+        patient = re.match(r"COVID-\d+", path.stem).group(0)
+        by_patient.setdefault(patient, set()).add(split_of(path))
+    assert sum(len(v) > 1 for v in by_patient.values()) == 0
+    assert any(len(list(folder.glob(f"{p}?.*"))) > 1 for p in by_patient)  # the case is really there
+    assert group_key(Path("COVID-00003b.jpg")) == "COVID-00003" and group_key(Path("T1a_2.png")) == "T1"
 
 
 @pytest.fixture(scope="module")
