@@ -103,6 +103,18 @@ def _tile_starts(length: int, tile: int) -> list[int]:
     return list(range(0, length - tile, tile)) + [length - tile]
 
 
+# Allocation failures that do not arrive as torch.OutOfMemoryError: cuDNN / cuBLAS workspaces
+_ALLOC_FAILED = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's OutOfMemoryError and the RuntimeErrors cuDNN/cuBLAS raise when an
+    allocation fails (``CUDNN_STATUS_ALLOC_FAILED``...), which a smaller tile also cures."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOC_FAILED)
+    )
+
+
 class Upscaler:
     """x4 super-resolution of float32 (H, W) arrays in [0, 1], tiled, with bounded memory."""
 
@@ -151,15 +163,19 @@ class Upscaler:
         while True:
             try:
                 return self._run(image, tile)
-            except torch.OutOfMemoryError:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if tile // 2 < self.min_tile:
-                    raise UpscaleError(
-                        f"out of memory on {self.device} even with tile {tile} px; free memory "
-                        "or run on another device"
-                    ) from None
-                tile //= 2  # restart the whole image: nothing from the failed pass is kept
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+            # out of the except block, so the failed pass's tensors (its traceback) are released
+            # before the cache is emptied
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if tile // 2 < self.min_tile:
+                raise UpscaleError(
+                    f"out of memory on {self.device} even with tile {tile} px; free memory "
+                    "or run on another device"
+                )
+            tile //= 2  # restart the whole image: nothing from the failed pass is kept
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # (1, 1, h, w) -> (1, 1, 4h, 4w)
         x = x.contiguous(memory_format=torch.channels_last)

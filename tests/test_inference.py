@@ -211,6 +211,25 @@ def test_oom_in_run_retries_down_to_the_tile_that_fits(monkeypatch):
     np.testing.assert_allclose(out, _direct(net, image), atol=1e-5)
 
 
+def test_a_cudnn_allocation_failure_is_retried_like_an_oom(monkeypatch):
+    """cuDNN reports a failed workspace allocation as a plain RuntimeError, not OutOfMemoryError."""
+    tiles: list[int] = []
+    original = Upscaler._run
+
+    def run(self, image, tile):
+        tiles.append(tile)
+        if tile > 128:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+        return original(self, image, tile)
+
+    monkeypatch.setattr(Upscaler, "_run", run)
+    net = Generator(TINY).eval()
+    image = np.random.default_rng(2).random((30, 20), dtype=np.float32)
+    out = Upscaler(net, tile=256, overlap=8)(image)
+    assert tiles == [256, 128]
+    np.testing.assert_allclose(out, _direct(net, image), atol=1e-5)
+
+
 def test_oom_below_min_tile_raises_upscale_error_naming_the_tile(monkeypatch):
     tiles = _record_tiles(monkeypatch)
     up = Upscaler(_OomAbove(Generator(TINY), limit=0), tile=256, min_tile=32)
