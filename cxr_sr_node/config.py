@@ -124,7 +124,7 @@ class NodeConfig:
     tile: int = 256
     overlap: int = 16
     max_output_px: int = 4096
-    workers: int = 1  # worker processes (one per GPU); 0 = receive only, jobs wait for workers elsewhere
+    workers: int = 1  # worker processes, one per GPU (worker i gets GPU i mod N with device auto|cuda); 0 = receive only
     # runner: "embedded" (worker processes of this node) or "celery" (workers elsewhere, via RabbitMQ;
     # the spool must then be on storage the node and the workers share)
     runner: str = "embedded"

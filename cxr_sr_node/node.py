@@ -102,9 +102,10 @@ class Node:
         log.info("spool.recovered", root=str(self.spool.root), **fixed, **self.spool.counts())
         ctx = mp.get_context("spawn")
         events = []
-        for _ in range(self.config.workers if self.queue is None else 0):
+        for index in range(self.config.workers if self.queue is None else 0):
             ready = ctx.Event()
-            proc = ctx.Process(target=worker_main, args=(self.config, ready), daemon=False, name="cxr-sr-worker")
+            proc = ctx.Process(target=worker_main, args=(self.config, ready), kwargs={"index": index}, daemon=False,
+                               name=f"cxr-sr-worker-{index}")
             proc.start()
             self._workers.append(proc)
             events.append((proc, ready))
@@ -178,10 +179,11 @@ class Node:
     def _restart_workers(self, dead: list[mp.Process]) -> None:
         ctx = mp.get_context("spawn")
         for proc in dead:
-            self._workers.remove(proc)
-            new = ctx.Process(target=worker_main, args=(self.config, None), name="cxr-sr-worker")
+            index = self._workers.index(proc)  # the replacement takes the same GPU
+            new = ctx.Process(target=worker_main, args=(self.config, None), kwargs={"index": index},
+                              name=f"cxr-sr-worker-{index}")
             new.start()
-            self._workers.append(new)
+            self._workers[index] = new
 
     # --- loops -----------------------------------------------------------------------------------
     def _schedule_loop(self) -> None:

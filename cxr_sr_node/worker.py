@@ -11,6 +11,7 @@ the spool's table until told to stop (SIGTERM finishes the current job first).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -186,16 +187,20 @@ def _exit_with_the_node() -> None:
     threading.Thread(target=watch, name="node-watch", daemon=True).start()
 
 
-def worker_main(config: NodeConfig, ready: Any = None, poll_s: float = 0.5) -> None:
-    """Child-process entry point (multiprocessing 'spawn')."""
+def worker_main(config: NodeConfig, ready: Any = None, poll_s: float = 0.5, index: int = 0) -> None:
+    """Child-process entry point (multiprocessing 'spawn'); ``index`` picks its GPU (see
+    ``model.inference.worker_device``: worker i of N on GPU i mod N when device is auto or cuda)."""
     configure_logging(config.log_level, json=config.log_json)
     _exit_with_the_node()
+    from model.inference import worker_device  # torch is imported by the worker anyway (Engine.load)
+
+    config = dataclasses.replace(config, device=worker_device(config.device, index))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     spool = Spool(config.spool)
     engine = Engine.load(config)
-    log.info("worker.started", pid=os.getpid(), model=engine.model.name, model_sha256=engine.model.sha256[:12],
+    log.info("worker.started", pid=os.getpid(), index=index, model=engine.model.name, model_sha256=engine.model.sha256[:12],
              device=str(getattr(engine.upscale, "device", "cpu")))
     if ready is not None:
         ready.set()

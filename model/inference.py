@@ -64,6 +64,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def worker_device(device: str, index: int, *, gpus: int | None = None) -> str:
+    """The device for worker ``index`` of a node started with ``device``.
+
+    ``auto`` or ``cuda`` with several GPUs gives ``cuda:{index % gpus}``: one worker per GPU, as
+    the node's ``workers = N`` means, instead of N model copies on GPU 0. An explicit
+    ``cuda:K`` or ``cpu`` is kept. ``gpus`` defaults to ``torch.cuda.device_count()``.
+    """
+    count = torch.cuda.device_count() if gpus is None else gpus
+    if device not in ("auto", "cuda") or count == 0:
+        return "cpu" if device == "auto" and count == 0 else device
+    return f"cuda:{index % count}" if count > 1 else "cuda"
+
+
 def load_generator(path: str | Path | None = None, device: str | torch.device = "auto") -> LoadedGenerator:
     """Load a checkpoint (default: the shipped CPU model) onto ``device``, in eval mode."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT

@@ -304,3 +304,17 @@ def test_cuda_bf16_matches_cpu_fp32(checkpoint, chest):
     assert gpu.dtype == np.float32 and gpu.shape == cpu.shape
     diff = np.abs(gpu - cpu)
     assert diff.max() < 0.05 and diff.mean() < 5e-3
+
+
+@pytest.mark.parametrize(
+    ("device", "index", "gpus", "expected"),
+    [
+        ("auto", 0, 2, "cuda:0"), ("auto", 1, 2, "cuda:1"), ("cuda", 3, 2, "cuda:1"),  # one worker per GPU
+        ("auto", 1, 1, "cuda"), ("cuda:1", 0, 2, "cuda:1"),  # one GPU; an explicit GPU is kept
+        ("cpu", 1, 2, "cpu"), ("auto", 1, 0, "cpu"), ("cuda", 0, 0, "cuda"),  # (cuda without GPUs fails at load)
+    ],
+)
+def test_each_worker_of_a_node_gets_its_own_gpu(device, index, gpus, expected):
+    from model.inference import worker_device
+
+    assert worker_device(device, index, gpus=gpus) == expected
