@@ -15,6 +15,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,9 @@ class StorageSCP:
         self.tracker = tracker
         self.on_store = on_store or (lambda status: None)
         self.server = None
+        # per association: what it did, for the audit line at its end (who, from where, what, outcome)
+        self._activity: dict[int, Counter[str]] = {}
+        self._activity_lock = threading.Lock()
         self.ae = AE(ae_title=config.ae_title)
         self.ae.require_called_aet = True
         self.ae.maximum_associations = config.max_associations
@@ -217,11 +221,21 @@ class StorageSCP:
         log.info("association.accepted", calling_ae=rq.ae_title.strip(), address=rq.address, port=rq.port,
                  assoc_id=id(event.assoc))
 
+    def _count(self, assoc: Any, key: str) -> None:
+        with self._activity_lock:
+            self._activity.setdefault(id(assoc), Counter())[key] += 1
+
     def handle_ended(self, event: evt.Event) -> None:
         self.tracker.association_ended(id(event.assoc))
         rq = event.assoc.requestor
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
-        log.info(f"association.{outcome}", calling_ae=rq.ae_title.strip(), address=rq.address, assoc_id=id(event.assoc))
+        with self._activity_lock:
+            activity = self._activity.pop(id(event.assoc), Counter())
+        statuses_seen = {k.removeprefix("status:"): n for k, n in sorted(activity.items()) if k.startswith("status:")}
+        log.info(f"association.{outcome}", calling_ae=rq.ae_title.strip(), address=rq.address, assoc_id=id(event.assoc),
+                 echoes=activity["echo"], stored=statuses_seen.get("0x0000", 0),
+                 refused=sum(n for k, n in statuses_seen.items() if k != "0x0000"), statuses=statuses_seen,
+                 sop_classes=sorted(k.removeprefix("sop_class:") for k in activity if k.startswith("sop_class:")))
         if outcome == "aborted":
             self._discard_partial(event.assoc)
 
@@ -251,7 +265,8 @@ class StorageSCP:
                  reason="association aborted mid-instance; nothing of it was acknowledged")
 
     def handle_echo(self, event: evt.Event) -> int:
-        log.info("echo.received", calling_ae=event.assoc.requestor.ae_title.strip())
+        self._count(event.assoc, "echo")
+        log.info("echo.received", calling_ae=event.assoc.requestor.ae_title.strip(), assoc_id=id(event.assoc))
         return statuses.SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
@@ -263,8 +278,11 @@ class StorageSCP:
         fields["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         rq = event.assoc.requestor
         name = "store.received" if status == statuses.SUCCESS else "store.refused"
+        self._count(event.assoc, f"status:0x{status:04X}")
+        self._count(event.assoc, f"sop_class:{event.request.AffectedSOPClassUID}")
         (log.info if status == statuses.SUCCESS else log.warning)(
-            name, status=f"0x{status:04X}", calling_ae=rq.ae_title.strip(), address=rq.address, **fields
+            name, status=f"0x{status:04X}", calling_ae=rq.ae_title.strip(), address=rq.address,
+            assoc_id=id(event.assoc), **fields
         )
         self.on_store(status)
         return status

@@ -205,6 +205,45 @@ def test_pixel_data_shorter_than_its_header_needs_is_refused_and_quarantined(tmp
     assert "Pixel Data is 524288 bytes" in reason and "need 1048576" in reason
 
 
+def test_each_association_ends_with_one_audit_line_of_what_it_did(tmp_path):
+    """DESIGN §8: who, from where, what, outcome; the store lines carry the association's id, and
+    no line carries the patient's name."""
+    import io
+    import logging
+
+    from cxr_sr_node.logs import configure_logging
+
+    good = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    good.PatientName = "Auditova^Jana"
+    cut = pydicom.dcmread(DATA / "chest" / "test1.dcm")
+    cut.SOPInstanceUID = generate_uid()
+    cut.PixelData = cut.PixelData[:1000]
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    try:
+        with running_scp(tmp_path) as scp:
+            ae = AE(ae_title="AUDITED")
+            ae.add_requested_context(good.SOPClassUID, [good.file_meta.TransferSyntaxUID])
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+            assert assoc.is_established
+            results = [int(assoc.send_c_store(ds).Status) for ds in (good, cut)]
+            assoc.release()
+            wait_until(lambda: "association.released" in stream.getvalue(), 10, "the association's end line")
+    finally:
+        configure_logging("info")
+        logging.getLogger().handlers[0].flush()
+    assert results == [statuses.SUCCESS, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (end,) = [e for e in lines if e["event"] == "association.released"]
+    assert end["calling_ae"] == "AUDITED" and end["address"] == "127.0.0.1"
+    assert (end["stored"], end["refused"], end["echoes"]) == (1, 1, 0)
+    assert end["statuses"] == {"0x0000": 1, "0xA900": 1}
+    assert end["sop_classes"] == [str(good.SOPClassUID)]
+    stores = [e for e in lines if e["event"].startswith("store.")]
+    assert len(stores) == 2 and {e["assoc_id"] for e in stores} == {end["assoc_id"]}
+    assert not any("Auditova" in json.dumps(e) for e in lines)
+
+
 def test_reject_ineligible_refuses_with_named_status(tmp_path):
     with running_scp(tmp_path, reject_ineligible=True) as scp:
         ct = send_as_is(scp.port, DATA / "other" / "test5.dcm")
