@@ -215,6 +215,14 @@ class StorageSCP:
             log.warning("association.rejected", calling_ae=calling, address=rq.address, reason="calling AE not allowed")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognised
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is on the wire, as pynetdicom's own checks do
+            return
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.config.min_free_disk_mb * 1024 * 1024:
+            # before any data arrives: an instance is otherwise written in full, then refused (0xA700)
+            log.warning("association.rejected", calling_ae=calling, address=rq.address,
+                        reason=f"free disk {free // 2**20} MiB below min_free_disk_mb={self.config.min_free_disk_mb}")
+            event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # rejected-transient, temporary congestion: retry later
+            event.assoc.kill()
 
     def handle_established(self, event: evt.Event) -> None:
         rq = event.assoc.requestor

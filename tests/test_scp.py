@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -254,13 +255,37 @@ def test_reject_ineligible_refuses_with_named_status(tmp_path):
     assert chest == statuses.SUCCESS and len(stored) == 1
 
 
-def test_free_disk_floor_refuses_with_out_of_resources(tmp_path):
+def test_free_disk_floor_rejects_the_association_before_any_data(tmp_path):
+    """Below the floor the node takes nothing: a transient rejection (the sender retries later),
+    not an instance written in full and then refused."""
     free_mb = shutil.disk_usage(tmp_path).free // 2**20
     with running_scp(tmp_path, min_free_disk_mb=free_mb + 10_000_000) as scp:
-        status = send_as_is(scp.port, DATA / "chest" / "test1.dcm")
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+        sent = storescu("127.0.0.1", scp.port, [DATA / "chest" / "test1.dcm"], calling_ae="MODALITY", called_ae="CXRSR")
         stored = incoming_files(scp)
-    assert status == statuses.OUT_OF_RESOURCES
-    assert stored == []
+        leftovers = list(scp.spool.tmp_dir.iterdir())
+    assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.result_source,
+                                  assoc.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x01)
+    assert sent.returncode != 0 and "Association Rejected" in sent.stderr
+    assert stored == [] and leftovers == []
+
+
+def test_free_disk_floor_refuses_an_instance_when_the_disk_fills_during_an_association(tmp_path):
+    """The per-instance check stays for a disk that fills while an association is open."""
+    with running_scp(tmp_path) as scp:
+        ae = AE(ae_title="MODALITY")
+        ds = pydicom.dcmread(DATA / "chest" / "test1.dcm")
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+        assert assoc.is_established
+        free_mb = shutil.disk_usage(tmp_path).free // 2**20
+        scp.config = dataclasses.replace(scp.config, min_free_disk_mb=free_mb + 10_000_000)
+        status = int(assoc.send_c_store(ds).Status)
+        assoc.release()
+        stored = incoming_files(scp)
+    assert status == statuses.OUT_OF_RESOURCES and stored == []
 
 
 def test_a_transfer_cut_off_mid_instance_leaves_no_partial_file(tmp_path):
