@@ -57,10 +57,14 @@ def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
     try:
         result = send_files(peer, files, calling_ae=config.ae_title, timeout_s=config.dimse_timeout_s,
                             max_pdu=config.max_pdu)
-    except (SendError, OSError) as exc:
-        state = spool.fail_attempt(job.job_id, stage="send", reason=str(exc), max_attempts=config.send_retries + 1,
+    except Exception as exc:  # noqa: BLE001 - any failure is an attempt: retried, then dead-lettered with its reason
+        # SendError/OSError name the peer and status; anything else (an unreadable output file, a
+        # dataset pynetdicom cannot encode) would otherwise leave the job 'sending' under its lease,
+        # retaken forever every lease_s
+        reason = str(exc) if isinstance(exc, (SendError, OSError)) else f"{peer}: {type(exc).__name__}: {exc}"
+        state = spool.fail_attempt(job.job_id, stage="send", reason=reason, max_attempts=config.send_retries + 1,
                                    backoff_s=config.send_backoff_s, attempt=job.send_attempts)
-        log.warning("send.failed", job_id=job.job_id, peer=str(peer), reason=str(exc), attempt=job.send_attempts, state=state)
+        log.warning("send.failed", job_id=job.job_id, peer=str(peer), reason=reason, attempt=job.send_attempts, state=state)
         return "failed" if state == "failed" else "retry"
     spool.finish_sending(job.job_id, {"peer": result.peer, "sent": result.sent, "statuses": result.statuses},
                          attempt=job.send_attempts)

@@ -312,10 +312,10 @@ class Spool:
             if row is None:
                 return None
             job = Job.from_row(row)
-            if stage == "process" and job.attempts >= max_attempts:
+            if _exhausted(job, stage, max_attempts):
                 db.execute(
                     "UPDATE jobs SET state = 'failed', reason = ?, updated = ? WHERE job_id = ?",
-                    (job.reason or f"processing did not finish in {job.attempts} attempts (worker lost)", now, job.job_id),
+                    (job.reason or _lost_reason(job, stage), now, job.job_id),
                 )
                 failed = True
             else:
@@ -338,7 +338,7 @@ class Spool:
 
         The job is taken when it waits for ``stage`` and is past its backoff, or when the lease of
         the worker that held it expired; the attempt counter goes up and a new lease starts. A
-        process-stage job already tried ``max_attempts`` times goes to ``failed`` instead. Returns
+        job already tried ``max_attempts`` times (in either stage) goes to ``failed`` instead. Returns
         None when there is nothing to take: no such job, done, failed (now or before), held under a
         live lease, or still waiting out a backoff. A queue message is delivered at least once, so
         a duplicate message finds None here and does nothing.
@@ -360,10 +360,10 @@ class Spool:
             failed = False
             if not due:
                 pass
-            elif stage == "process" and job.attempts >= max_attempts:
+            elif _exhausted(job, stage, max_attempts):
                 db.execute(
                     "UPDATE jobs SET state = 'failed', reason = ?, updated = ? WHERE job_id = ?",
-                    (job.reason or f"processing did not finish in {job.attempts} attempts (worker lost)", now, job_id),
+                    (job.reason or _lost_reason(job, stage), now, job_id),
                 )
                 failed = True
             else:
@@ -556,6 +556,18 @@ class Spool:
                     db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
                 removed += 1
         return removed
+
+
+def _exhausted(job: Job, stage: str, max_attempts: int) -> bool:
+    """A job taken back from a lost holder (expired lease) after its last attempt: dead-letter it.
+    (A job that failed an attempt in the open went to ``failed`` in :meth:`Spool.fail_attempt`.)"""
+    return (job.attempts if stage == "process" else job.send_attempts) >= max_attempts
+
+
+def _lost_reason(job: Job, stage: str) -> str:
+    if stage == "process":
+        return f"processing did not finish in {job.attempts} attempts (worker lost)"
+    return f"sending did not finish in {job.send_attempts} attempts (sender lost)"
 
 
 def _uids_of(folder: Path) -> tuple[str, str]:

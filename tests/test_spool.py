@@ -84,6 +84,44 @@ def test_expired_lease_is_taken_again_then_dead_lettered(tmp_path):
     assert reason["job_id"] == job_id and "worker lost" in reason["reason"]
 
 
+def test_a_lost_sender_s_job_is_dead_lettered_after_its_last_attempt(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    spool.claim(stage="process", lease_s=60, max_attempts=3)
+    spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True)
+    for attempt in (1, 2):
+        job = spool.claim(stage="send", lease_s=0.0, max_attempts=2)  # the sender "dies" at once
+        assert job.job_id == job_id and job.send_attempts == attempt
+        time.sleep(0.01)
+    assert spool.claim(stage="send", lease_s=0.0, max_attempts=2) is None
+    job = spool.get(job_id)
+    assert job.state == "failed" and "sending did not finish in 2 attempts" in job.reason
+    assert (spool.root / "failed" / job_id / "reason.json").is_file()
+
+
+def test_an_unreadable_output_file_fails_the_send_attempt_by_name(tmp_path):
+    """Not a SendError: before, it escaped send_job and left the job 'sending' under its lease."""
+    from cxr_sr_node.config import load_config
+    from cxr_sr_node.node import send_job
+
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    spool.claim(stage="process", lease_s=60, max_attempts=3)
+    out = spool.root / "jobs" / job_id / "out"
+    out.mkdir()
+    (out / "broken.dcm").write_bytes(b"not DICOM at all")
+    spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True)
+    cfg = load_config(environ={}, flags={"spool": spool.root, "dest": "PACS@127.0.0.1:9", "send_retries": 1,
+                                         "send_backoff_s": 0.0})
+    outcomes = []
+    for _ in range(2):
+        job = spool.claim(stage="send", lease_s=60, max_attempts=2)
+        outcomes.append(send_job(spool, cfg, job))
+    assert outcomes == ["retry", "failed"]
+    reason = json.loads((spool.root / "failed" / job_id / "reason.json").read_text())["reason"]
+    assert "PACS@127.0.0.1:9" in reason and "InvalidDicomError" in reason
+
+
 def test_send_failures_back_off_then_fail_and_retry_requeues(tmp_path):
     spool = Spool(tmp_path / "spool")
     job_id = make_job(spool, tmp_path)
