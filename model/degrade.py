@@ -10,6 +10,16 @@ Poisson statistics predict), plus Gaussian read noise of standard deviation ``re
 smaller ``dose_scale`` means fewer photons and more noise. Noise is applied to the LR image (what
 a low-dose acquisition records), then the result is quantised like a stored image.
 
+Domain (a deliberate deviation from DESIGN §6, which says "in the linear domain"): the noise is
+added to the image's own grey values, not to detector-linear signal. The training images are
+NIH ChestX-ray14 PNGs, already processed for display by unknown, per-image curves (log transform,
+windowing, unsharp masking) with no calibration to undo, so any "linearisation" would be a guess
+dressed up as physics. What is exact is what the tests check: the noise variance is
+``x / dose_scale + read_noise²`` in the domain the network sees, and the node feeds the network the
+same kind of domain (DICOM modality values mapped linearly by their robust range,
+``cxr_sr_node.pixels``). With raw detector data (linear in dose, before the display curve) the
+same functions apply unchanged, and the result would then be physical.
+
 Mixed ("blind"): for a node that is not told the dose. Each image (each training crop) is clean
 with probability ``clean_fraction``; otherwise it gets low-dose noise with a dose scale drawn
 log-uniformly from [``dose_scale``, ``dose_max``] and a read noise drawn uniformly from
