@@ -335,6 +335,10 @@ class StorageSCP:
             if not verdict.eligible:
                 fields.update(rule=verdict.rule, reason=verdict.reason)
                 return statuses.INELIGIBLE_REFUSED, fields
+        # tracked before the file is in place: the scheduler takes a series it does not track as one
+        # received before a restart (complete once idle), which a slow fsync could otherwise fake
+        key = (safe_name(uids["StudyInstanceUID"]), safe_name(uids["SeriesInstanceUID"]))
+        self.tracker.arrived(key, id(event.assoc))
         self.spool.accept_instance(
             path,
             study_uid=uids["StudyInstanceUID"],
@@ -343,6 +347,4 @@ class StorageSCP:
             calling_ae=calling,
             address=address,
         )
-        key = (safe_name(uids["StudyInstanceUID"]), safe_name(uids["SeriesInstanceUID"]))
-        self.tracker.arrived(key, id(event.assoc))
         return statuses.SUCCESS, fields
