@@ -35,6 +35,21 @@ def start_node(spool: Path, port: int, *extra: str, log: Path) -> subprocess.Pop
     return proc
 
 
+def _spool_with_one_job(tmp_path: Path):
+    """A spool holding one ready job: the chest CR, received from MODALITY."""
+    from cxr_sr_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    src = CHEST_DIR / "CR-MONO1-10-chest.dcm"
+    ds = pydicom.dcmread(src, force=True)
+    staged = spool.tmp_dir / "x.dcm"
+    staged.write_bytes(src.read_bytes())
+    spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                          sop_uid=ds.SOPInstanceUID, calling_ae="MODALITY", address="127.0.0.1")
+    (series,) = spool.incoming_series()
+    return spool, spool.create_job(series)
+
+
 def test_kill_9_during_receive_loses_no_acknowledged_instance(tmp_path, storescp):
     try:
         require_binary("storescu", "dcmtk")
@@ -86,18 +101,8 @@ def test_kill_9_during_receive_loses_no_acknowledged_instance(tmp_path, storescp
 
 def test_sigterm_finishes_and_restart_resumes_unfinished_jobs(tmp_path, storescp):
     """A job left 'running' by a dead worker (expired lease) is taken again after a restart."""
-    from cxr_sr_node.spool import Spool
-
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    spool = Spool(tmp_path / "spool")
-    src = CHEST_DIR / "CR-MONO1-10-chest.dcm"
-    ds = pydicom.dcmread(src, force=True)
-    staged = spool.tmp_dir / "x.dcm"
-    staged.write_bytes(src.read_bytes())
-    spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-                          sop_uid=ds.SOPInstanceUID, calling_ae="MODALITY", address="127.0.0.1")
-    (series,) = spool.incoming_series()
-    job_id = spool.create_job(series)
+    spool, job_id = _spool_with_one_job(tmp_path)
     spool.claim(stage="process", lease_s=0.5, max_attempts=3)  # a worker took it, then died
     time.sleep(0.6)
     port, log = free_port(), tmp_path / "node.log"
@@ -164,18 +169,8 @@ def test_one_node_per_spool_and_kill_9_takes_the_worker_along(tmp_path):
 
 def test_a_restart_takes_a_dead_workers_job_at_once_not_after_its_lease(tmp_path):
     """A job left 'running' under a 15-minute lease by a node that died is done right after a restart."""
-    from cxr_sr_node.spool import Spool
-
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    spool = Spool(tmp_path / "spool")
-    src = CHEST_DIR / "CR-MONO1-10-chest.dcm"
-    ds = pydicom.dcmread(src, force=True)
-    staged = spool.tmp_dir / "x.dcm"
-    staged.write_bytes(src.read_bytes())
-    spool.accept_instance(staged, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-                          sop_uid=ds.SOPInstanceUID, calling_ae="MODALITY", address="127.0.0.1")
-    (series,) = spool.incoming_series()
-    job_id = spool.create_job(series)
+    spool, job_id = _spool_with_one_job(tmp_path)
     spool.claim(stage="process", lease_s=900, max_attempts=3)  # the node died with this lease held
     log = tmp_path / "node.log"
     node = start_node(spool.root, free_port(), "--workers", "1", "--checkpoint", str(checkpoint), "--device", "cpu",
