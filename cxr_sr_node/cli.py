@@ -154,10 +154,12 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     spool = Spool(cfg.spool)
     counts = spool.counts()
     failed = [{"job_id": j.job_id, "series_instance_uid": j.series_uid, "reason": j.reason} for j in spool.jobs("failed")]
+    holder = spool.node_holder()
     if as_json:
-        click.echo(json.dumps({"spool": str(cfg.spool), "counts": counts, "failed": failed}, indent=2))
+        click.echo(json.dumps({"spool": str(cfg.spool), "node_pid": holder, "counts": counts, "failed": failed},
+                              indent=2))
         return
-    click.echo(f"spool {cfg.spool}")
+    click.echo(f"spool {cfg.spool} ({f'served by pid {holder}' if holder else 'no node running on it'})")
     for key, value in counts.items():
         click.echo(f"  {key:<16} {value}")
     for job in failed:

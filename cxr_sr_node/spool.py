@@ -510,6 +510,23 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def node_holder(self) -> int | None:
+        """The pid of the ``serve`` holding this spool, or None when no node runs on it."""
+        path = self.root / "node.lock"
+        if not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def expire_leases(self) -> int:
         """End every lease now (jobs running or sending); returns how many.
 

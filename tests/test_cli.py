@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -61,7 +62,7 @@ def test_status_counts_json(tmp_path):
     result = cli("status", "--spool", str(tmp_path / "spool"), "--json")
     assert result.returncode == 0
     data = json.loads(result.stdout)
-    assert data["counts"]["ready"] == 0 and data["failed"] == []
+    assert data["counts"]["ready"] == 0 and data["failed"] == [] and data["node_pid"] is None
 
 
 def test_healthz_and_metrics(tmp_path, storescp):
@@ -78,6 +79,9 @@ def test_healthz_and_metrics(tmp_path, storescp):
             health = json.loads(resp.read())
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
+        status = json.loads(cli("status", "--spool", str(cfg.spool), "--json").stdout)
+    assert status["node_pid"] == os.getpid()  # the node runs in this process
+    assert json.loads(cli("status", "--spool", str(cfg.spool), "--json").stdout)["node_pid"] is None  # stopped
     assert health["ok"] is True and health["workers_alive"] == 1
     assert 'cxrsr_store_total{status="0x0000"} 1.0' in metrics
     assert 'cxrsr_jobs{state="done"}' in metrics
