@@ -24,6 +24,10 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ "$mode" = "--gpu" ]; then
+  # a CPU build from an earlier plain ./setup.sh satisfies the version range: replace it
+  if .venv/bin/python -c "import sys, torch; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then
+    .venv/bin/python -m pip uninstall --quiet -y torch
+  fi
   "${pip[@]}" "torch>=2.4,<2.15"
 else
   # The pinned CPU wheel first: a bare "torch" would resolve to a multi-GB CUDA build.

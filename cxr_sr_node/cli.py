@@ -30,7 +30,7 @@ config_option = click.option(
     help="TOML settings file (see deploy/cxr-sr-node.example.toml); env CXRSR_CONFIG.",
 )
 spool_option = click.option("--spool", type=click.Path(file_okay=False, path_type=Path), help="Spool folder [spool].")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs [auto].")
+device_option = click.option("--device", help="Where the model runs: auto, cpu, cuda or cuda:N [auto].")
 checkpoint_option = click.option(
     "--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Generator checkpoint (.safetensors with its .json card) [the shipped CPU model].",
@@ -130,13 +130,16 @@ def batch(in_dir: Path, out_dir: Path, recursive: bool, config_file: Path | None
 @device_option
 @click.option("--dest", help="Destination to C-ECHO: AE@HOST:PORT.")
 @click.option("--no-model", is_flag=True, help="Skip loading the model (fast liveness check).")
-def check(config_file: Path | None, no_model: bool, **flags: Any) -> None:
+@click.option("--no-dest", is_flag=True,
+              help="Skip the C-ECHO to the destination (a start-up check: the node receives, and retries "
+                   "sending, while the PACS is down).")
+def check(config_file: Path | None, no_model: bool, no_dest: bool, **flags: Any) -> None:
     """Health check: exits 0 when config, spool, model and destination are usable, else 1."""
     cfg = _config(config_file, **flags)
     from cxr_sr_node.health import run_checks
 
     ok = True
-    for name, passed, detail in run_checks(cfg, load_model=not no_model):
+    for name, passed, detail in run_checks(cfg, load_model=not no_model, echo_dest=not no_dest):
         click.echo(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
         ok &= passed
     sys.exit(0 if ok else 1)

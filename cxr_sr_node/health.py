@@ -12,12 +12,12 @@ from cxr_sr_node.config import NodeConfig
 Check = tuple[str, bool, str]
 
 
-def run_checks(config: NodeConfig, *, load_model: bool = True) -> Iterator[Check]:
+def run_checks(config: NodeConfig, *, load_model: bool = True, echo_dest: bool = True) -> Iterator[Check]:
     yield "config", True, f"AE {config.ae_title} port {config.port}, dest {config.dest or 'none (output kept in spool/done)'}"
     yield _check_spool(config)
     if load_model:
         yield _check_model(config)
-    if config.dest is not None:
+    if config.dest is not None and echo_dest:
         yield _check_dest(config)
 
 

@@ -42,6 +42,18 @@ def test_check_fails_on_unreachable_dest_and_bad_spool(tmp_path):
     assert "FAIL dest: C-ECHO to PACS@127.0.0.1" in result.stdout
 
 
+def test_the_start_up_check_passes_while_the_pacs_is_down(tmp_path):
+    """systemd's ExecStartPre runs `check --no-model --no-dest`: the node must start and receive
+    while its destination is unreachable (sending is retried); `--device cuda:N` parses."""
+    dest = f"PACS@127.0.0.1:{free_port()}"
+    result = cli("check", "--no-model", "--no-dest", "--spool", str(tmp_path / "spool"), "--dest", dest,
+                 "--device", "cuda:1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dest" not in {line.split()[1].rstrip(":") for line in result.stdout.splitlines()}
+    unit = (ROOT / "deploy" / "systemd" / "cxr-sr-node.service").read_text()
+    assert "check --no-model --no-dest" in unit
+
+
 def test_check_fails_on_a_broken_checkpoint(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
     data = bytearray(ckpt.read_bytes())

@@ -86,4 +86,22 @@ def test_shipped_example_toml_loads():
     cfg = load_config(toml_path=example, environ={})
     assert cfg.dest == Peer("ORTHANC", "pacs.example.org", 4242)
     assert cfg.peers["ORTHANC"] == Peer("ORTHANC", "10.0.0.5", 4242)
-    assert AllowRule("ORTHANC", "10.0.0.5") in cfg.allow and cfg.http_port == 8080
+    assert AllowRule("ORTHANC", "10.0.0.5") in cfg.allow
+
+
+def test_the_example_toml_lists_every_key_with_its_default():
+    """README: every key is in the example with its default (the peers are examples; a few keys
+    whose default depends on the host are shown commented out)."""
+    import tomllib
+    from dataclasses import fields
+
+    from cxr_sr_node.config import NodeConfig
+
+    example = Path(__file__).resolve().parents[1] / "deploy" / "cxr-sr-node.example.toml"
+    text = example.read_text()
+    written = tomllib.loads(text)
+    cfg, default = load_config(toml_path=example, environ={}), NodeConfig()
+    examples = {"dest", "allow", "peers"}
+    assert {k for k in written if getattr(cfg, k) != getattr(default, k)} == examples
+    commented = {f.name for f in fields(NodeConfig) if f.name not in written}
+    assert all(f"# {name} = " in text for name in commented), commented
