@@ -41,13 +41,12 @@ Decisions where DESIGN is silent:
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
@@ -277,21 +276,21 @@ def _decode_problem(ds: Dataset, opts: _Options) -> str | None:
     return None
 
 
-def short_native_pixel_data(path: str | os.PathLike[str]) -> str | None:
-    """Why the native Pixel Data of the file at ``path`` is shorter than its header needs, else None.
+def short_native_pixel_data(ds: Dataset) -> str | None:
+    """Why the native Pixel Data of ``ds`` is shorter than its header needs, else None.
 
-    For the SCP: a cheap check before answering (the Pixel Data value is not read, only its
-    length: ``defer_size``), so an instance cut short, or one whose Rows, Columns or
-    BitsAllocated are wrong, is refused as malformed instead of being acknowledged and then
-    skipped as undecodable. Encapsulated (compressed) Pixel Data has no expected length and is
-    left to the worker's ``decodable`` rule, as is a file this cannot read.
+    For the SCP: a cheap check before answering on a header read with ``defer_size`` (the Pixel
+    Data value is never read, only its length), so an instance cut short, or one whose Rows,
+    Columns or BitsAllocated are wrong, is refused as malformed instead of being acknowledged and
+    then skipped as undecodable. Encapsulated (compressed) Pixel Data has no expected length and is
+    left to the worker's ``decodable`` rule.
     """
-    try:
-        ds = dcmread(path, defer_size=1024, force=True)
-        raw = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
-    except Exception:  # noqa: BLE001 - the header was already read; the worker will say more
+    raw = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if raw is None:
         return None
-    if raw is None or raw.length in (0, UNDEFINED_LENGTH):
+    # a raw element (deferred, or not yet converted) has its length; a converted one its value
+    length = raw.length if hasattr(raw, "length") else len(raw.value or b"")
+    if length in (0, UNDEFINED_LENGTH):
         return None
     tsyntax = pixels.transfer_syntax_of(ds)
     if tsyntax is not None and tsyntax.is_encapsulated:
@@ -300,10 +299,10 @@ def short_native_pixel_data(path: str | os.PathLike[str]) -> str | None:
         expected = get_expected_length(ds)
     except (AttributeError, KeyError, TypeError, ValueError):  # not an image header: not ours to judge
         return None
-    if raw.length >= expected:
+    if length >= expected:
         return None
     return (
-        f"Pixel Data is {raw.length} bytes; Rows {ds.get('Rows')} x Columns {ds.get('Columns')} x "
+        f"Pixel Data is {length} bytes; Rows {ds.get('Rows')} x Columns {ds.get('Columns')} x "
         f"BitsAllocated {ds.get('BitsAllocated')} x SamplesPerPixel {ds.get('SamplesPerPixel', 1)} x "
         f"frames {ds.get('NumberOfFrames', 1)} need {expected}: the instance is truncated or its Image Pixel "
         "attributes are wrong"

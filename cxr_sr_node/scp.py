@@ -229,9 +229,9 @@ class StorageSCP:
         log.info("association.accepted", calling_ae=rq.ae_title.strip(), address=rq.address, port=rq.port,
                  assoc_id=id(event.assoc))
 
-    def _count(self, assoc: Any, key: str) -> None:
+    def _count(self, assoc: Any, *keys: str) -> None:
         with self._activity_lock:
-            self._activity.setdefault(id(assoc), Counter())[key] += 1
+            self._activity.setdefault(id(assoc), Counter()).update(keys)
 
     def handle_ended(self, event: evt.Event) -> None:
         self.tracker.association_ended(id(event.assoc))
@@ -286,8 +286,7 @@ class StorageSCP:
         fields["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         rq = event.assoc.requestor
         name = "store.received" if status == statuses.SUCCESS else "store.refused"
-        self._count(event.assoc, f"status:0x{status:04X}")
-        self._count(event.assoc, f"sop_class:{event.request.AffectedSOPClassUID}")
+        self._count(event.assoc, f"status:0x{status:04X}", f"sop_class:{event.request.AffectedSOPClassUID}")
         (log.info if status == statuses.SUCCESS else log.warning)(
             name, status=f"0x{status:04X}", calling_ae=rq.ae_title.strip(), address=rq.address,
             assoc_id=id(event.assoc), **fields
@@ -309,7 +308,8 @@ class StorageSCP:
             fields["reason"] = f"free disk {free // 2**20} MiB below min_free_disk_mb={self.config.min_free_disk_mb}"
             return statuses.OUT_OF_RESOURCES, fields
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            # one read serves every check: Pixel Data is deferred (its length known, its value unread)
+            header = pydicom.dcmread(path, defer_size=1024)
             uids = {k: str(header[k].value).strip() for k in REQUIRED_UIDS if k in header and header[k].value}
         except Exception as exc:  # noqa: BLE001 - any parse failure means we cannot understand it
             reason = f"dataset cannot be parsed: {type(exc).__name__}: {exc}"
@@ -324,7 +324,7 @@ class StorageSCP:
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, fields
         fields.update(series_instance_uid=uids["SeriesInstanceUID"], study_instance_uid=uids["StudyInstanceUID"],
                       sop_instance_uid=uids["SOPInstanceUID"])
-        short = eligibility.short_native_pixel_data(path)
+        short = eligibility.short_native_pixel_data(header)
         if short:
             self.spool.quarantine(path, reason=short, calling_ae=calling, address=address)
             fields["reason"] = short

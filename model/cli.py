@@ -334,9 +334,9 @@ def export_cmd(
             f"{info['iterations']} iterations, {info['parameters']:,} parameters, {info['size_mib']:.1f} MiB, "
             f"sha256 {info['sha256'][:12]}… (from {info['source']})"
         )
-    if done.size_mib > SHIP_LIMIT_MIB:
+    if info["over_ship_limit"]:
         click.echo(
-            f"note: {done.size_mib:.1f} MiB is over the {SHIP_LIMIT_MIB} MiB kept per checkpoint in model/weights "
+            f"note: {info['size_mib']:.1f} MiB is over the {SHIP_LIMIT_MIB} MiB kept per checkpoint in model/weights "
             "(every version stays in git's history): ship fp16, or keep it outside the repository",
             err=True,
         )
