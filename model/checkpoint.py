@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from model.arch import ArchConfig, Generator
 
@@ -105,6 +105,21 @@ class ModelCard:
             raise CheckpointError(f"{source}: invalid card: {exc}") from None
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the same bytes for the same tensors, and the file mode
+    of any other file written here. safetensors writes its JSON header with the metadata in a hash
+    map's order (it changes from one process to the next, and with it the file's sha256, which
+    cards and derived DICOM UIDs quote) and creates files 0600; here the header is rewritten with
+    sorted keys, padded to the same length, and the file is created under the umask."""
+    blob = bytearray(save(tensors, metadata=metadata))
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob[8 : 8 + size] = canonical.ljust(size)  # the same characters in another order: never longer
+    with open(path, "wb") as f:
+        f.write(blob)
+
+
 def save_checkpoint(
     path: Path, generator: Generator, card: ModelCard, *, dtype: torch.dtype = torch.float16
 ) -> ModelCard:
@@ -114,7 +129,7 @@ def save_checkpoint(
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in generator.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    write_safetensors(path, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     data = card.to_dict()
     data.update(sha256=sha256_file(path), dtype=str(dtype).removeprefix("torch."), arch=generator.config.to_dict())
     card_path(path).write_text(json.dumps(data, indent=2) + "\n")

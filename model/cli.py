@@ -38,7 +38,7 @@ def model_group() -> None:
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--set", "sets", multiple=True, help="Override a config key, e.g. --set psnr.iterations=2")
 @click.option("--max-minutes", type=float, default=None, help="Stop (resumable) after this many minutes.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_cmd(config: Path, sets: tuple[str, ...], max_minutes: float | None, threads: int | None, no_progress: bool) -> None:
     """Train (or resume) from CONFIG.toml; see model/configs/."""
@@ -99,7 +99,7 @@ def _noise_settings(d: dict) -> str:
               help="lowdose: Gaussian read noise σ in [0, 1] units (default 0.004); mixed: the largest.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval"), show_default=True)
-@click.option("--tile", type=click.IntRange(min=8), default=256, show_default=True, help="LR tile side, px.")
+@click.option("--tile", type=click.IntRange(min=32), default=256, show_default=True, help="LR tile side, px.")
 @click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True, help="LR tile context, px.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -156,7 +156,7 @@ def eval_cmd(
         f"{_noise_settings(metrics['degradation_settings'])}\n"
     )
     click.echo(report_table(metrics))
-    click.echo(f"\nwrote {out}/metrics.json, per_image.csv, report.md and crops/")
+    click.echo(f"\nwrote {out}/metrics.json, per_image.csv, report.md" + (" and crops/" if crops else ""))
 
 
 @model_group.command("headroom")
@@ -165,14 +165,19 @@ def eval_cmd(
               help="Default: test/ of a split folder, else every image.")
 @click.option("--degradation", type=click.Choice(["paper", "lowdose", "mixed"]), default="paper", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Also score this checkpoint (fp32, CPU); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def headroom_cmd(data: Path, split: str | None, degradation: str, limit: int | None, as_json: bool) -> None:
+def headroom_cmd(
+    data: Path, split: str | None, degradation: str, limit: int | None, checkpoints: tuple[Path, ...], as_json: bool
+) -> None:
     """Score oracles that know HR (ideal low-passes, Gaussian blurs) against bicubic: how much
-    PSNR/SSIM a super-resolver could still win on these images."""
+    PSNR/SSIM a super-resolver could still win on these images, and in which parts of them (SSIM
+    by HR's local texture, for the oracles and any --checkpoint)."""
     from model.eval.headroom import format_headroom, headroom
 
     try:
-        result = headroom(data, split=split, degradation=degradation, limit=limit)
+        result = headroom(data, split=split, degradation=degradation, limit=limit, checkpoints=checkpoints)
     except _model_errors() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result, indent=1) if as_json else format_headroom(result))
@@ -224,7 +229,7 @@ def _parse_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--budget-s", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
               help="Stop repeating a size once its runs took this long (at least one run).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--tile", type=click.IntRange(min=8), default=256, show_default=True, help="LR tile side, px.")
+@click.option("--tile", type=click.IntRange(min=32), default=256, show_default=True, help="LR tile side, px.")
 @click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True, help="LR tile context, px.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

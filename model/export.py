@@ -22,6 +22,7 @@ A ``.safetensors`` file is also a source (re-export: rename, new version, other 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,11 @@ def resolve_source(source: Path, which: str = "auto") -> Path:
         if (source / names[key]).is_file():
             return source / names[key]
     wanted = " or ".join(names[k] for k in order)
+    if (source / names["state"]).is_file():
+        raise ExportError(
+            f"{source}: no {wanted} in this run folder yet (it has not reached a validation, or "
+            "not its end); --which state exports the EMA weights in its state.pt"
+        )
     raise ExportError(
         f"{source}: no {wanted} in this folder; point at a training run's out_dir "
         "(the folder with log.jsonl and state.pt)"
@@ -127,7 +133,9 @@ def _from_state(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
         train_images=None,
         val_images=cfg.val_images or None,
         device="unknown (exported from state.pt)",
-        metrics={"best_val_psnr_db_before_export": state.get("best_psnr")},
+        # null, not -Infinity (which is not JSON), for a run that has not validated yet
+        metrics={"best_val_psnr_db_before_export": best if isinstance(best := state.get("best_psnr"), float)
+                 and math.isfinite(best) else None},
     )
     note = (
         f"EMA weights of {path.name} at iteration {iteration} of {cfg.total_iterations}, exported "

@@ -128,6 +128,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+# how far outside [0, 1] an input may stray (noise, an interpolation's overshoot) before it is
+# taken for data on another scale
+RANGE_SLACK = 0.05
+
+
 class Upscaler:
     """x4 super-resolution of float32 (H, W) arrays in [0, 1], tiled, with bounded memory."""
 
@@ -172,6 +177,16 @@ class Upscaler:
             raise ValueError(f"expected a 2-D (H, W) image, got shape {image.shape}")
         if image.dtype != np.float32:
             raise ValueError(f"expected float32 in [0, 1], got dtype {image.dtype}")
+        if image.size == 0:
+            raise ValueError(f"the image is empty (shape {image.shape})")
+        lo, hi = float(image.min()), float(image.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("the image has NaN or infinite pixels; the network would spread them over every tile")
+        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
+            raise ValueError(
+                f"expected values in [0, 1], got {lo:g} to {hi:g}: scale the image first (8-bit data / 255, "
+                "16-bit / 65535, or map its window to [0, 1] as cxr_sr_node.pixels does)"
+            )
         tile = self.tile
         while True:
             try:

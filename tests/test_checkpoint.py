@@ -255,3 +255,27 @@ def test_shipped_generator_loads_strictly_and_stays_small(path):
     assert Degradation.named(**card.degradation)  # a setting the code can still rebuild
     assert sum(p.numel() for p in net.parameters()) == card.training["parameters"]
     assert "val" in card.metrics
+
+
+def test_the_same_weights_give_the_same_file_in_every_process(tmp_path):
+    # safetensors orders its header's metadata by a per-process hash map: the sha256 (quoted by
+    # cards and by derived DICOM UIDs) changed between two exports of the same weights
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from model.arch import ArchConfig, Generator; "
+        "from model.checkpoint import ModelCard, save_checkpoint; torch.manual_seed(0); "
+        "a = ArchConfig(num_blocks=1, num_feat=8, num_grow=4); "
+        "save_checkpoint(sys.argv[1], Generator(a), ModelCard(name='x', version='1', arch=a))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], cwd=repo, check=True, timeout=120)
+    assert len({p.read_bytes() for p in paths}) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in paths)  # not safetensors' 0600
+    load_checkpoint(paths[0])

@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.data import CropSampler, group_key, list_images, load_gray, split_files, split_of
+from model.data import (
+    CropSampler,
+    check_scorable,
+    group_key,
+    group_keys,
+    levels_of,
+    list_images,
+    load_gray,
+    read_gray,
+    split_files,
+    split_of,
+)
 from model.degrade import Degradation
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_png" / "nih"
@@ -26,12 +37,32 @@ def test_8bit_png_is_scaled_by_255(tmp_path):
 
 
 def test_dark_16bit_png_keeps_its_bit_depth(tmp_path):
-    arr = np.array([[0, 100, 200]], np.uint16)  # a dark 16-bit image: max 200 of 65535
+    arr = np.array([[0, 100, 200]], np.uint16)  # a dark 16-bit file: max 200, read as 12-bit
     Image.fromarray(arr).save(tmp_path / "dark16.png")
-    img = load_gray(tmp_path / "dark16.png")
-    assert img.dtype == np.float32
-    np.testing.assert_allclose(img, [[0.0, 100 / 65535, 200 / 65535]], rtol=1e-6)
-    assert img.max() < 0.01  # not 200/255
+    img, levels = read_gray(tmp_path / "dark16.png")
+    assert img.dtype == np.float32 and levels == 4095 == levels_of(tmp_path / "dark16.png")
+    np.testing.assert_allclose(img, [[0.0, 100 / 4095, 200 / 4095]], rtol=1e-6)
+    assert img.max() < 0.1  # not 200/255: a 16-bit file is never read as 8-bit
+
+
+def test_12bit_data_in_a_16bit_png_fills_the_range(tmp_path):
+    # detector data: 12 bits stored in a 16-bit container (DICOM BitsStored 12)
+    arr = np.array([[0, 2048, 4095]], np.uint16)
+    Image.fromarray(arr).save(tmp_path / "x12.png")
+    img, levels = read_gray(tmp_path / "x12.png")
+    assert levels == 4095
+    np.testing.assert_allclose(img, [[0.0, 2048 / 4095, 1.0]], rtol=1e-6)
+    Image.fromarray(np.array([[0, 4096]], np.uint16)).save(tmp_path / "x16.png")
+    assert read_gray(tmp_path / "x16.png")[1] == 65535  # one level above 12 bits: 16-bit
+
+
+def test_unreadable_and_tiny_images_are_named(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.png: cannot be read as an image .*replace or remove it"):
+        load_gray(tmp_path / "empty.png")
+    Image.fromarray(np.zeros((3, 40), np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.raises(ValueError, match=r"tiny\.png is 40x3 px: too small"):
+        check_scorable(tmp_path / "tiny.png", load_gray(tmp_path / "tiny.png"))
 
 
 def test_full_range_16bit_png(tmp_path):
@@ -76,6 +107,41 @@ def test_split_rejects_an_unknown_split(tmp_path):
         split_files(tmp_path, "holdout")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_images(tmp_path / "nowhere")
+
+
+def test_a_partial_split_folder_is_refused_not_read_as_flat(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / split / f"{split}_000.png")
+    for split in ("train", "val", "test"):
+        with pytest.raises(ValueError, match=r"has train/, val/ but no test/: .*needs all three folders"):
+            split_files(tmp_path, split)
+    (tmp_path / "test").mkdir()  # an empty test/ is fine
+    assert [p.name for p in split_files(tmp_path, "val")] == ["val_000.png"]
+    assert split_files(tmp_path, "test") == []
+
+
+def test_folder_per_patient_layout_keeps_each_patient_in_one_split(tmp_path):
+    # CheXpert-like: patientN/studyM/viewK_<frontal|lateral>.png; names repeat across patients
+    files = []
+    for n in range(60):
+        for study in (1, 2):
+            for view in ("view1_frontal", "view2_lateral"):
+                path = tmp_path / f"patient{n:05d}" / f"study{study}" / f"{view}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+                files.append(path)
+    keys = group_keys(tmp_path, files)
+    assert keys[files[0]] == "patient00000/"
+    splits = {s: split_files(tmp_path, s) for s in ("train", "val", "test")}
+    assert sum(len(v) for v in splits.values()) == 240 and all(splits.values())  # none empty
+    owners = {}
+    for s, v in splits.items():
+        for path in v:
+            assert owners.setdefault(path.relative_to(tmp_path).parts[0], s) == s  # one split per patient
+    # a data set in one shared folder (covid_figure1/images/...) is still keyed by file name
+    flat = [tmp_path / "images" / "COVID-00003a.jpg", tmp_path / "images" / "COVID-00003b.jpg"]
+    assert group_keys(tmp_path, flat) == {flat[0]: "COVID-00003", flat[1]: "COVID-00003"}
 
 
 def test_flat_folder_hash_split_keeps_each_patient_in_one_split(tmp_path):

@@ -81,7 +81,12 @@ def test_a_stopped_run_exports_the_ema_weights_of_its_state(stopped, tmp_path):
     assert "without a validation" in card.notes and "model eval" in card.notes
     assert card.training["psnr_stage"]["iterations"] == 50 and card.degradation["name"] == "paper"
     assert card.arch.num_feat == 8
+    card_text = (tmp_path / "tiny-test.json").read_text()
+    assert "Infinity" not in card_text  # no validation yet: null, and the card stays JSON
+    assert json.loads(card_text)["metrics"]["best_val_psnr_db_before_export"] is None
     load_checkpoint(done.path)
+    with pytest.raises(ExportError, match="not reached a validation.*--which state exports"):
+        export_checkpoint(stopped, tmp_path / "b.safetensors", which="best")
 
 
 def test_re_export_changes_dtype_and_version_and_keeps_the_metrics(tmp_path):

@@ -125,6 +125,11 @@ def test_pooled_attention_depends_on_the_tile(chest):
         (np.zeros((1, 8, 8), np.float32), "2-D"),
         (np.zeros((8, 8), np.float64), "float64"),
         (np.zeros((8, 8), np.uint8), "uint8"),
+        (np.zeros((0, 5), np.float32), r"empty \(shape \(0, 5\)\)"),
+        (np.where(np.eye(8) > 0, np.nan, 0.5).astype(np.float32), "NaN or infinite"),
+        (np.full((8, 8), np.inf, np.float32), "NaN or infinite"),
+        (np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8), r"0 to 255: scale the image first"),
+        (np.full((8, 8), -0.2, np.float32), "expected values in"),
     ],
 )
 def test_bad_images_are_refused_with_a_reason(image, message):
@@ -147,6 +152,11 @@ def test_bad_images_are_refused_with_a_reason(image, message):
 def test_bad_settings_are_refused_with_a_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Upscaler(Generator(TINY), **kwargs)
+
+
+def test_a_little_outside_the_unit_range_is_accepted():
+    image = np.linspace(-0.04, 1.04, 64, dtype=np.float32).reshape(8, 8)  # noise, interpolation overshoot
+    assert Upscaler(Generator(TINY), tile=64)(image).shape == (32, 32)
 
 
 def test_cpu_auto_precision_is_fp32():

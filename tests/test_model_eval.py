@@ -256,3 +256,91 @@ def test_headroom_bicubic_row_equals_eval_and_oracles_are_ordered(data, tmp_path
     # less blur is closer to HR; keeping half the band beats keeping the LR quarter
     assert m["blur_sigma_0.5"]["ssim"] > m["blur_sigma_0.7"]["ssim"] > m["blur_sigma_1"]["ssim"]
     assert m["lowpass_half_band"]["psnr_db"] > m["lowpass_lr_band"]["psnr_db"]
+
+
+def test_ssim_map_and_local_std_are_what_ssim_averages():
+    from model.eval.metrics import local_std, ssim_map
+
+    rng = np.random.default_rng(3)
+    hr = rng.random((64, 80)).astype(np.float32)
+    sr = np.clip(hr + rng.normal(0, 0.05, hr.shape), 0, 1).astype(np.float32)
+    local = ssim_map(sr, hr)
+    assert local.shape == (64 - 8 - 10, 80 - 8 - 10)  # 4 px border, then the 11-px window's rim
+    assert float(local.mean()) == pytest.approx(ssim(sr, hr), abs=1e-12)
+    flat = np.full((64, 80), 0.5, np.float32)
+    flat[:, 40:] = 0.7  # a step: no texture far from it, std 0.1 across it
+    std = local_std(flat)
+    assert std.shape == local.shape
+    assert std[:, :10].max() < 1e-6 and std[:, 28:34].max() == pytest.approx(0.1, abs=0.005)
+
+
+def test_headroom_scores_a_checkpoint_and_splits_ssim_by_texture(data, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", name="tiny", residual=0.02)
+    out = CliRunner().invoke(model_group, ["headroom", "--data", str(data), "--checkpoint", str(ckpt), "--json"],
+                             catch_exceptions=False).output
+    result = json.loads(out)
+    m, texture = result["methods"], result["texture"]
+    assert list(m)[-1] == "tiny"
+    evaluated = evaluate([ckpt], data, out=None, crops=0, progress=False, precision="fp32")["methods"]["tiny"]
+    assert m["tiny"]["ssim"] == pytest.approx(evaluated["ssim"], abs=1e-4)
+    assert m["tiny"]["delta_ssim"] < 0  # a constant offset of 0.02 costs SSIM
+    assert texture["bins"] == ["0-1", "1-2", "2-4", "4-8", ">=8"]
+    assert sum(texture["pixel_share"]) == pytest.approx(1, abs=1e-3)
+    for name, row in texture["methods"].items():  # each row adds up to the method's ΔSSIM
+        assert sum(row["delta_ssim_share"]) == pytest.approx(m[name]["delta_ssim"], abs=2e-4), name
+    assert texture["methods"]["bicubic"]["delta_ssim_share"] == [0] * 5
+    # the oracles win most of their SSIM where HR has texture, not where it is flat
+    blur = texture["methods"]["blur_sigma_1"]["delta_ssim_share"]
+    assert max(blur) > 0 and blur[0] <= max(blur) / 10
+    text = CliRunner().invoke(model_group, ["headroom", "--data", str(data), "--checkpoint", str(ckpt)]).output
+    assert "Where SSIM is won" in text and "| tiny |" in text and "| pixel share |" in text
+
+
+def test_eval_keeps_same_named_images_of_two_folders_apart_and_drops_stale_crops(data, tmp_path):
+    flat = tmp_path / "sites"
+    for site, src in zip(("siteA", "siteB"), sorted((data / "test").glob("*.png")), strict=False):
+        (flat / site).mkdir(parents=True)
+        (flat / site / "img.png").write_bytes(src.read_bytes())
+    out = tmp_path / "eval"
+    (out / "crops").mkdir(parents=True)
+    (out / "crops" / "from-an-earlier-run.png").write_bytes(b"x")
+    result = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(flat), "--out", str(out),
+                                              "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with open(out / "per_image.csv", newline="") as f:
+        assert [r["image"] for r in csv.DictReader(f)] == ["siteA/img.png", "siteB/img.png"]
+    assert sorted(p.name for p in (out / "crops").iterdir()) == ["siteA__img.png", "siteB__img.png"]
+    result = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(flat), "--out", str(out),
+                                              "--crops", "0", "--no-progress"])
+    assert result.exit_code == 0 and "crops/" not in result.output
+    assert not list((out / "crops").iterdir())
+
+
+def test_eval_survives_an_image_it_reconstructs_exactly_and_names_bad_ones(data, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(folder / "constant.png")  # bicubic is exact
+    (folder / "chest.png").write_bytes(sorted((data / "test").glob("*.png"))[0].read_bytes())
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(folder), "--out", str(out),
+                                              "--no-progress"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())  # valid JSON: no Infinity
+    assert metrics["methods"]["bicubic"]["psnr_db"] is None and metrics["methods"]["bicubic"]["ssim"] > 0.9
+    assert "| bicubic | — |" in (out / "report.md").read_text()
+    headroom = CliRunner().invoke(model_group, ["headroom", "--data", str(folder), "--json"])
+    assert headroom.exit_code == 0 and json.loads(headroom.output)["methods"]["bicubic"]["psnr_db"] is None
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(folder / "tiny.png")
+    result = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(folder), "--out", str(out)])
+    assert result.exit_code == 1 and "tiny.png is 3x3 px: too small" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_refuses_a_data_folder_with_only_some_split_folders(data, tmp_path):
+    partial = tmp_path / "partial"
+    for split in ("train", "val"):
+        (partial / split).mkdir(parents=True)
+        (partial / split / "a.png").write_bytes(sorted((data / "test").glob("*.png"))[0].read_bytes())
+    result = CliRunner().invoke(model_group, ["eval", "--bicubic-only", "--data", str(partial),
+                                              "--out", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "has train/, val/ but no test/" in result.output

@@ -48,8 +48,20 @@ def test_info_checkpoint_prints_its_card(tiny):
     assert info["parameters"] == count_parameters(Generator(TINY))
     assert info["macs_64_to_256"] > 0 and info["weights_sha256_matches"] is True
     assert info["checkpoint"] == str(tiny)
+    assert info["arch_mismatch"] is None
     text = invoke("info", "--checkpoint", str(tiny)).stdout
-    assert "matches the weights" in text and f"{info['parameters']:,}" in text
+    assert "matches the weights" in text and f"{info['parameters']:,}" in text and "WARNING" not in text
+
+
+def test_info_warns_when_the_card_describes_other_weights(tiny):
+    card = json.loads(tiny.with_suffix(".json").read_text())
+    card["arch"]["num_feat"] = 16  # the card now claims a wider network than the file holds
+    tiny.with_suffix(".json").write_text(json.dumps(card))
+    info = json.loads(invoke("info", "--checkpoint", str(tiny), "--json").stdout)
+    assert info["arch_mismatch"] == (
+        "tensor body.0.rdb1.conv1.weight: the card's architecture wants (4, 16, 3, 3), the file has (4, 8, 3, 3)"
+    )
+    assert "WARNING      the weights are not this architecture" in invoke("info", "--checkpoint", str(tiny)).stdout
 
 
 def test_info_reads_the_arch_table_of_a_training_config():

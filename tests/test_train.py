@@ -414,3 +414,55 @@ def test_every_shipped_config_loads_and_builds_its_generator(path):
     cfg = load_config(path)
     assert cfg.name and cfg.total_iterations > 0
     assert count_parameters(Generator(cfg.arch)) > 0
+
+
+def test_resume_refuses_a_schedule_that_ends_before_the_state(data_root, tmp_path):
+    out = tmp_path / "out"
+    gan = {"iterations": 2, "perceptual": "random_vgg19", "perceptual_layer": "conv2_2", "disc_feat": 8}
+    path = write_config(tmp_path / "a.toml", data_root, out, psnr={"iterations": 3}, gan=gan)
+    train(load_config(path, {"save_every": 1, "val_every": 10}), max_minutes=1e-9, progress=False)
+    train(load_config(path, {"save_every": 1, "val_every": 10}), max_minutes=1e-9, progress=False)
+    assert torch.load(out / "state.pt", weights_only=False)["iteration"] == 2  # in the PSNR stage
+    before = (out / "state.pt").read_bytes()
+    result = CliRunner().invoke(model_group, ["train", str(path), "--set", "psnr.iterations=1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "at iteration 2 of the PSNR stage" in result.output and "psnr.iterations >= 2" in result.output
+    assert (out / "state.pt").read_bytes() == before
+    train(load_config(path), progress=False)  # to the end: 3 PSNR + 2 GAN
+    for args, says in ((["psnr.iterations=2"], "keep psnr.iterations = 3"),
+                       (["gan.iterations=1"], "set gan.iterations >= 2")):
+        result = CliRunner().invoke(model_group, ["train", str(path), *sum((["--set", a] for a in args), [])])
+        assert result.exit_code == 1 and says in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("val_every=0", "val_every must be >= 1"),
+    ("data.batch_size=0", "batch_size must be >= 1"),
+    ("data.hr_crop=abc", "hr_crop must be an integer, got 'abc'"),
+    ("psnr.iterations=2.5", "iterations must be an integer, got 2.5"),
+    ("psnr.lr=-1", "lr must be > 0"),
+    ("amp=1", "amp must be true or false"),
+])
+def test_cli_train_refuses_bad_values_by_key(data_root, tmp_path, override, says):
+    path = write_config(tmp_path / "cli.toml", data_root, tmp_path / "out")
+    result = CliRunner().invoke(model_group, ["train", str(path), "--set", override])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert says in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_without_validation_images_is_refused_before_it_starts(data_root, tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+    for src in sorted((data_root / "train").glob("*.png")):
+        (root / "train" / src.name).write_bytes(src.read_bytes())
+    path = write_config(tmp_path / "a.toml", root, tmp_path / "out")
+    result = CliRunner().invoke(model_group, ["train", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"no val images in {root}: {root / 'val'} is empty" in result.output
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+    (root / "val" / "broken.png").write_bytes(b"\x89PNG\r\n")  # read at set-up, not after training
+    result = CliRunner().invoke(model_group, ["train", str(path)])
+    assert result.exit_code == 1 and "broken.png: cannot be read as an image" in result.output
+    assert not (tmp_path / "out" / "log.jsonl").exists()

@@ -104,8 +104,28 @@ def model_info(spec: ModelSpec) -> dict[str, Any]:
         **spec.card.to_dict(),
         "checkpoint": str(spec.checkpoint),
         "weights_sha256_matches": sha256_file(spec.checkpoint) == spec.card.sha256,
+        "arch_mismatch": _arch_mismatch(spec.checkpoint, spec.arch),
         **counts,
     }
+
+
+def _arch_mismatch(path: Path, arch: ArchConfig) -> str | None:
+    """None when the file's tensors are exactly the card architecture's, else the first difference
+    (``load_checkpoint`` refuses such a file; info still describes it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        return f"the file cannot be read as safetensors ({exc})"
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in Generator(arch).state_dict().items()}
+    for key in sorted(set(stored) | set(wanted)):
+        if stored.get(key) != wanted.get(key):
+            have = stored.get(key, "absent")
+            return f"tensor {key}: the card's architecture wants {wanted.get(key, 'none')}, the file has {have}"
+    return None
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -123,6 +143,9 @@ def format_info(info: dict[str, Any]) -> str:
     if "sha256" in info:
         ok = "matches the weights" if info["weights_sha256_matches"] else "DOES NOT match the weights file"
         lines.append(f"sha256       {info['sha256']} ({ok})")
+        if info.get("arch_mismatch"):
+            lines.append(f"WARNING      the weights are not this architecture: {info['arch_mismatch']} "
+                         "(loading this checkpoint fails)")
         lines.append(f"iterations   {info['iterations']}, stored as {info['dtype']}")
         degradation = info["degradation"] or {}
         lines.append(f"degradation  {degradation.get('name', 'unknown')}  {degradation}")

@@ -9,7 +9,12 @@ from HR itself, so no network can be expected to pass the tighter ones:
 - ``blur_sigma_<s>``: HR blurred by a Gaussian of ``s`` HR pixels.
 
 Scores use the same PSNR/SSIM (4 px border), LR seeds and output quantisation as ``model eval``,
-so the ``bicubic`` row equals its bicubic row.
+so the ``bicubic`` row equals its bicubic row. Checkpoints given are scored beside the oracles.
+
+**Where SSIM is won or lost**: every local SSIM value is binned by how textured HR is there (HR's
+standard deviation in SSIM's own window, in 8-bit grey levels), and each bin's share of the mean
+is reported, so the shares of a method add up to its SSIM and the bins show which part of the
+image a method gains its SSIM in, and which part an oracle still wins and it does not.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from model.data import levels_of, load_gray
+from model.data import check_scorable, read_gray
 from model.degrade import Degradation, crop_to_scale, quantize
-from model.eval.metrics import psnr, ssim
-from model.eval.run import SCALE, bicubic_x4, select_images
+from model.eval.metrics import local_std, psnr, ssim_map
+from model.eval.report import fmt
+from model.eval.run import BICUBIC, SCALE, bicubic_x4, finite_or_none, method_names, select_images
 
 BLUR_SIGMAS = (1.0, 0.7, 0.5)
+# bin edges of HR's local standard deviation, in 8-bit grey levels (1/255 of the full range)
+TEXTURE_EDGES = (1.0, 2.0, 4.0, 8.0)
 
 
 def band_limit(img: np.ndarray, fraction: float) -> np.ndarray:
@@ -50,39 +58,92 @@ def oracles(hr: np.ndarray, lr: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def texture_bin_labels(edges: tuple[float, ...] = TEXTURE_EDGES) -> list[str]:
+    bounds = [0.0, *edges]
+    return [f"{lo:g}-{hi:g}" for lo, hi in zip(bounds, edges, strict=False)] + [f">={edges[-1]:g}"]
+
+
+def _checkpoint_methods(checkpoints: tuple[Path, ...]) -> dict[str, Any]:
+    from model import inference
+
+    loaded = [inference.load_generator(Path(p), "cpu") for p in checkpoints]
+    names = method_names([(g.path, g.card.name) for g in loaded])
+    return {name: inference.Upscaler(g, precision="fp32") for name, g in zip(names, loaded, strict=True)}
+
+
 def headroom(
-    data: Path, *, split: str | None = None, degradation: str = "paper", limit: int | None = None, seed: int = 0
+    data: Path,
+    *,
+    split: str | None = None,
+    degradation: str = "paper",
+    limit: int | None = None,
+    seed: int = 0,
+    checkpoints: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
-    """Mean PSNR/SSIM of each oracle over the images, with the difference to bicubic."""
+    """Mean PSNR/SSIM of each oracle (and checkpoint) over the images, with the difference to
+    bicubic, and every method's SSIM split by HR's local texture (``texture``)."""
     files, split_name, _ = select_images(Path(data), split)
     files = files[:limit] if limit else files
     if not files:
         raise FileNotFoundError(f"no images to score in {data} (split {split_name})")
     deg = Degradation.named(degradation)
+    models = _checkpoint_methods(tuple(checkpoints))
+    bins = len(TEXTURE_EDGES) + 1
     scores: dict[str, list[tuple[float, float]]] = {}
+    ssim_sums: dict[str, np.ndarray] = {}  # per image: sum of local SSIM per texture bin
+    counts = np.zeros(bins)
+    per_image_counts: list[np.ndarray] = []
     for index, path in enumerate(files):
-        hr = crop_to_scale(load_gray(path), SCALE)
+        img, levels = read_gray(path)
+        hr = crop_to_scale(check_scorable(path, img), SCALE)
         lr = deg(hr, np.random.default_rng(seed + index))
-        levels = levels_of(path)
-        for name, img in oracles(hr, lr).items():
+        texture = np.digitize(local_std(hr) * 255.0, TEXTURE_EDGES).ravel()
+        n = np.bincount(texture, minlength=bins).astype(np.float64)
+        counts += n
+        per_image_counts.append(n)
+        outputs = oracles(hr, lr)
+        outputs.update({name: up(lr) for name, up in models.items()})
+        for name, img in outputs.items():
             img = quantize(img, levels)
-            scores.setdefault(name, []).append((psnr(img, hr), ssim(img, hr)))
+            local = ssim_map(img, hr).ravel()
+            sums = np.bincount(texture, weights=local, minlength=bins)
+            ssim_sums.setdefault(name, np.zeros((0, bins)))
+            ssim_sums[name] = np.vstack([ssim_sums[name], sums])
+            scores.setdefault(name, []).append((psnr(img, hr), float(local.mean())))
     means = {name: np.mean(v, axis=0) for name, v in scores.items()}
-    base = means["bicubic"]
-    return {
-        "degradation": degradation,
-        "split": split_name,
-        "images": len(files),
-        "methods": {
-            name: {
-                "psnr_db": round(float(m[0]), 3),
-                "ssim": round(float(m[1]), 4),
-                "delta_psnr_db": round(float(m[0] - base[0]), 3),
-                "delta_ssim": round(float(m[1] - base[1]), 4),
-            }
-            for name, m in means.items()
-        },
-    }
+    base = means[BICUBIC]
+    sizes = np.array([c.sum() for c in per_image_counts])
+    # an image's SSIM is its mean local SSIM, and the reported SSIM the mean over images, so bin
+    # b's share of it is sum over images of (bin b's local SSIM sum / that image's pixel count) / N
+    shares = {name: (s / sizes[:, None]).sum(axis=0) / len(files) for name, s in ssim_sums.items()}
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty bin; inf - inf of exact images
+        bin_ssim = {name: s.sum(axis=0) / counts for name, s in ssim_sums.items()}
+        return finite_or_none({
+            "degradation": degradation,
+            "split": split_name,
+            "images": len(files),
+            "methods": {
+                name: {
+                    "psnr_db": round(float(m[0]), 3),
+                    "ssim": round(float(m[1]), 4),
+                    "delta_psnr_db": round(float(m[0] - base[0]), 3),
+                    "delta_ssim": round(float(m[1] - base[1]), 4),
+                }
+                for name, m in means.items()
+            },
+            "texture": {
+                "what": "HR's local standard deviation in SSIM's window, 8-bit grey levels",
+                "bins": texture_bin_labels(),
+                "pixel_share": [round(float(c / counts.sum()), 4) for c in counts],
+                "methods": {
+                    name: {
+                        "ssim": [None if not np.isfinite(v) else round(float(v), 4) for v in bin_ssim[name]],
+                        "delta_ssim_share": [round(float(v), 5) for v in shares[name] - shares[BICUBIC]],
+                    }
+                    for name in ssim_sums
+                },
+            },
+        })
 
 
 def format_headroom(result: dict[str, Any]) -> str:
@@ -93,5 +154,20 @@ def format_headroom(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, m in result["methods"].items():
-        lines.append(f"| {name} | {m['psnr_db']:.2f} | {m['delta_psnr_db']:+.2f} | {m['ssim']:.4f} | {m['delta_ssim']:+.4f} |")
+        cells = [fmt(m["psnr_db"], 2), fmt(m["delta_psnr_db"], 2, signed=True), fmt(m["ssim"], 4),
+                 fmt(m["delta_ssim"], 4, signed=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    texture = result["texture"]
+    lines += [
+        "",
+        "Where SSIM is won: each method's ΔSSIM over bicubic, split by how textured HR is",
+        f"({texture['what']}); a row adds up to its ΔSSIM",
+        "",
+        "| reference | " + " | ".join(texture["bins"]) + " |",
+        "|---|" + "---:|" * len(texture["bins"]),
+        "| pixel share | " + " | ".join(f"{v:.1%}" for v in texture["pixel_share"]) + " |",
+    ]
+    for name, m in texture["methods"].items():
+        if name != BICUBIC:
+            lines.append(f"| {name} | " + " | ".join(fmt(v, 4, signed=True) for v in m["delta_ssim_share"]) + " |")
     return "\n".join(lines)

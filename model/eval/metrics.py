@@ -37,10 +37,40 @@ def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: fl
             _crop(sr, border).astype(np.float64),
             data_range=data_range,
             gaussian_weights=True,
-            sigma=1.5,
+            sigma=SSIM_SIGMA,
             use_sample_covariance=False,
         )
     )
+
+
+SSIM_SIGMA = 1.5
+# the rim scikit-image leaves out of the SSIM mean: half its Gaussian window (truncate 3.5 σ)
+SSIM_RIM = int(3.5 * SSIM_SIGMA + 0.5)
+
+
+def ssim_map(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> np.ndarray:
+    """The local SSIM values whose mean :func:`ssim` reports (border crop, then the window's rim)."""
+    _check(sr, hr)
+    _, full = structural_similarity(
+        _crop(hr, border).astype(np.float64),
+        _crop(sr, border).astype(np.float64),
+        data_range=data_range,
+        gaussian_weights=True,
+        sigma=SSIM_SIGMA,
+        use_sample_covariance=False,
+        full=True,
+    )
+    return _crop(full, SSIM_RIM)
+
+
+def local_std(hr: np.ndarray, *, border: int = BORDER) -> np.ndarray:
+    """HR's standard deviation in SSIM's Gaussian window, on the pixels of :func:`ssim_map`."""
+    from scipy.ndimage import gaussian_filter
+
+    img = _crop(hr, border).astype(np.float64)
+    mean = gaussian_filter(img, SSIM_SIGMA, truncate=3.5)
+    var = gaussian_filter(img * img, SSIM_SIGMA, truncate=3.5) - mean * mean
+    return _crop(np.sqrt(np.maximum(var, 0.0)), SSIM_RIM)
 
 
 def high_frequency_ratio(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER) -> float:

@@ -16,7 +16,7 @@ SEPARATOR_PX = 2
 CSV_COLUMNS = ("image", "method", "psnr_db", "ssim", "lpips", "hf_ratio", "s")
 
 
-def _fmt(value: float | None, digits: int, *, signed: bool = False) -> str:
+def fmt(value: float | None, digits: int, *, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "—" if value is None else str(value)
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
@@ -34,13 +34,17 @@ def report_table(metrics: dict[str, Any]) -> str:
         "| method | PSNR (dB) | ΔPSNR (dB) | SSIM | ΔSSIM | LPIPS | HF ratio | s/image |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    def delta(name: str, key: str) -> float | None:
+        # None where either mean is undefined (an image HR equals exactly: infinite PSNR)
+        if name == "bicubic" or methods[name][key] is None or base[key] is None:
+            return None
+        return methods[name][key] - base[key]
+
     for name, m in methods.items():
-        is_base = name == "bicubic"
-        d_psnr = None if is_base else m["psnr_db"] - base["psnr_db"]
-        d_ssim = None if is_base else m["ssim"] - base["ssim"]
+        d_psnr, d_ssim = delta(name, "psnr_db"), delta(name, "ssim")
         lines.append(
-            f"| {name} | {_fmt(m['psnr_db'], 2)} | {_fmt(d_psnr, 2, signed=True)} | {_fmt(m['ssim'], 4)} | "
-            f"{_fmt(d_ssim, 4, signed=True)} | {_fmt(m['lpips'], 4)} | {_fmt(m['hf_ratio'], 3)} | "
+            f"| {name} | {fmt(m['psnr_db'], 2)} | {fmt(d_psnr, 2, signed=True)} | {fmt(m['ssim'], 4)} | "
+            f"{fmt(d_ssim, 4, signed=True)} | {fmt(m['lpips'], 4)} | {fmt(m['hf_ratio'], 3)} | "
             f"{_fmt_time(m['s_per_image'])} |"
         )
     return "\n".join(lines)

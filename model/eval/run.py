@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from model import inference
 from model.arch import count_parameters
-from model.data import SPLITS, levels_of, list_images, load_gray, split_files
+from model.data import SPLITS, check_scorable, list_images, read_gray, shipped_splits, split_files
 from model.degrade import Degradation, crop_to_scale, quantize
 from model.eval import report
 from model.eval.metrics import high_frequency_ratio, psnr, ssim
@@ -120,12 +120,12 @@ def select_images(data: Path, split: str | None) -> tuple[list[Path], str, str]:
     """(files, split label, how they were chosen)."""
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist or is not a folder")
-    if all((data / s).is_dir() for s in SPLITS):
+    if shipped_splits(data):
         split = split or "test"
         return split_files(data, split), split, f"the `{split}/` subfolder"
     if split is None:
         return list_images(data), "all", "every image in the folder"
-    return split_files(data, split), split, "hash split by patient key (model.data.split_of)"
+    return split_files(data, split), split, "hash split by patient key (model.data.group_keys)"
 
 
 def default_checkpoint() -> Path:
@@ -193,12 +193,14 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(values))
 
 
-def _finite_or_none(obj: Any) -> Any:
+def finite_or_none(obj: Any) -> Any:
     """JSON has no inf/nan: a PSNR of identical images (inf) becomes null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
@@ -225,9 +227,15 @@ def run(config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
         from tqdm import tqdm
 
         iterator = tqdm(files, desc="eval", unit="image")
+    base = config.data / split_label if shipped_splits(config.data) else config.data
+    if config.out is not None:  # crops of an earlier run in the same folder would pass for this run's
+        for old in (config.out / "crops").glob("*.png"):
+            old.unlink()
     for index, path in enumerate(iterator):
-        hr = crop_to_scale(load_gray(path), SCALE)
-        levels = levels_of(path)
+        # named by their path below the data folder: two sites' "img.png" stay two rows and two crops
+        label = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.name
+        img, levels = read_gray(path)
+        hr = crop_to_scale(check_scorable(path, img), SCALE)
         lr = degradation(hr, np.random.default_rng(config.seed + index))
         if index == 0:  # warm-up, so the first image's time is not the allocator's
             for m in methods:
@@ -240,7 +248,7 @@ def run(config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
             elapsed = time.perf_counter() - t0
             sr = quantize(sr, levels)
             row = {
-                "image": path.name,
+                "image": label,
                 "method": m.name,
                 "psnr_db": psnr(sr, hr),
                 "ssim": ssim(sr, hr),
@@ -253,7 +261,7 @@ def run(config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
             outputs.append(sr)
         if config.out is not None and index < config.crops:
             y, x, size = report.choose_crop(hr, size=config.crop_px, scale=SCALE)
-            name = f"crops/{path.stem}.png"
+            name = "crops/" + label.rsplit(".", 1)[0].replace("/", "__") + ".png"
             report.save_crop(config.out / name, report.crop_panel(lr, outputs, hr, y=y, x=x, size=size))
             crops.append({"file": name, "y": y, "x": x, "size": size})
 
@@ -274,7 +282,7 @@ def run(config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
             "s_per_image": _mean([r["s"] for r in m.rows]),
             **m.info,
         }
-    metrics = _finite_or_none(metrics)
+    metrics = finite_or_none(metrics)
 
     if config.out is not None:
         out = config.out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +16,24 @@ from model.degrade import Degradation
 PIXEL_LOSSES = ("l1", "l1_ssim")
 
 
+def _check_stage(lr: float, warmup: int) -> None:
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     root: str = "../shared/data/cxr_png/nih"
     hr_crop: int = 128
     batch_size: int = 6
+
+    def __post_init__(self) -> None:
+        if self.hr_crop < 32 or self.hr_crop % 4:
+            raise ValueError(f"hr_crop must be a multiple of 4 and >= 32, got {self.hr_crop}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,10 +46,13 @@ class PsnrStage:
     warmup: int = 0
 
     def __post_init__(self) -> None:
+        _check_stage(self.lr, self.warmup)
+        if self.ssim_weight < 0:
+            raise ValueError(f"ssim_weight must be >= 0, got {self.ssim_weight}")
         if self.pixel_loss not in PIXEL_LOSSES:
-            raise ValueError(f"psnr.pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
+            raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"psnr.schedule must be cosine or constant, got {self.schedule!r}")
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +67,11 @@ class GanStage:
     perceptual: str = "cxr_features"
     perceptual_layer: str = "default"  # default: conv5_4 for VGG19 (ESRGAN), "last" for cxr_features
     disc_feat: int = 64
+
+    def __post_init__(self) -> None:
+        _check_stage(self.lr, 0)
+        if self.disc_feat < 1:
+            raise ValueError(f"disc_feat must be >= 1, got {self.disc_feat}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +112,38 @@ class TrainConfig:
             raise ValueError("psnr.iterations + gan.iterations must be > 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        for key in ("val_every", "save_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (iterations), got {getattr(self, key)}")
+        if self.val_images < 0:
+            raise ValueError(f"val_images must be >= 0 (0 = every val image), got {self.val_images}")
 
     @property
     def total_iterations(self) -> int:
         return self.psnr.iterations + self.gan.iterations
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the field's type (an int is a valid float), or a ValueError naming the key."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    if not all(t in _TYPE_NAMES or t is type(None) for t in allowed):
+        return value  # a type this check does not know: the dataclass validates it
+    wanted = " or ".join(_TYPE_NAMES[t] for t in allowed if t in _TYPE_NAMES)
+    raise ValueError(f"{key} must be {wanted}, got {value!r}")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -99,6 +151,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         f = known[key]
@@ -106,7 +159,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if isinstance(value, dict) and is_dataclass(default):
             kwargs[key] = _build(type(default), value, f"{where}.{key}" if where else key)
         else:
-            kwargs[key] = value
+            try:
+                kwargs[key] = _typed(value, hints[key], key)
+            except ValueError as exc:
+                raise ValueError(f"{where or 'config'}: {exc}") from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from model.checkpoint import card_path, sha256_file
+from model.checkpoint import card_path, sha256_file, write_safetensors
 from model.data import load_gray, split_files
 from model.degrade import Degradation, bicubic_resize
 from model.train.nets import CXR_FEATURES_CFG, CXR_FEATURES_PATH, vgg_layers
@@ -276,18 +276,16 @@ def _progress(config: FeatureTrainConfig, it: int, elapsed_s: float) -> float:
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    tmp.chmod(0o644)  # package data: readable by everyone (safetensors creates files 0600)
+    tmp.chmod(0o644)  # package data: readable by everyone, whatever the umask
     os.replace(tmp, path)
 
 
 def save_features(features: nn.Sequential, out: Path, card: dict[str, Any]) -> dict[str, Any]:
     """Write the fp32 safetensors file and its JSON card (with the file's sha256); returns the card."""
-    from safetensors.torch import save_file
-
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in features.state_dict().items()}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layer": card["layer"]["name"]}
-    _atomic_write(out, lambda p: save_file(state, str(p), metadata=meta))
+    _atomic_write(out, lambda p: write_safetensors(p, state, meta))
     card = {**card, "sha256": sha256_file(out), "size_bytes": out.stat().st_size}
     _atomic_write(card_path(out), lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
     return card

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model.arch import Generator, count_parameters
 from model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from model.data import CropSampler, levels_of, load_gray, split_files
+from model.data import CropSampler, check_scorable, list_images, read_gray, split_files
 from model.degrade import crop_to_scale, quantize
 from model.eval.metrics import psnr, ssim
 from model.inference import Upscaler, resolve_device
@@ -146,6 +146,17 @@ class Trainer:
         self.train_files = split_files(root, "train")
         val = split_files(root, "val")
         self.val_files = val[: config.val_images] if config.val_images else val
+        for split, files in (("train", self.train_files), ("val", self.val_files)):
+            if not files:
+                raise ValueError(
+                    f"no {split} images in {root}: "
+                    + (f"{root / split} is empty" if (root / split).is_dir() else
+                       f"the split by patient of its {len(list_images(root))} image(s) put none in {split}")
+                    + "; training needs both train and validation images (add images, or ship "
+                    "train/, val/ and test/ folders and set [data] root to their parent)"
+                )
+        for path in self.val_files:  # validation reads them only after the first val_every steps
+            check_scorable(path, read_gray(path)[0])
         self.sampler = CropSampler(
             self.train_files, config.degradation, hr_crop=config.data.hr_crop, seed=config.seed
         )
@@ -249,6 +260,7 @@ class Trainer:
                 "two silently (and the card would record only the new one): restore those values to "
                 "resume, or set another out_dir (with init_from = a checkpoint) to start a new run"
             )
+        self._check_stages(state["iteration"], saved["psnr"]["iterations"], in_gan=state["disc"] is not None)
         self.iteration = state["iteration"]
         if state["disc"] is not None:
             self._enter_gan(fresh=False)
@@ -262,6 +274,26 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.sampler.set_state(state["sampler_rng"])
         return True
+
+    def _check_stages(self, iteration: int, saved_psnr: int, *, in_gan: bool) -> None:
+        """The schedule may grow or shrink on resume, but not to before where the state is."""
+        psnr, gan = self.config.psnr.iterations, self.config.gan.iterations
+        where = f"{self.state_path} is at iteration {iteration}"
+        if not in_gan and iteration > psnr:
+            raise ResumeError(
+                f"{where} of the PSNR stage; psnr.iterations = {psnr} would end that stage before it "
+                f"(and skip what comes after): set psnr.iterations >= {iteration}"
+            )
+        if in_gan and psnr != saved_psnr:
+            raise ResumeError(
+                f"{where}, in the GAN stage that began after {saved_psnr} PSNR iterations; "
+                f"psnr.iterations = {psnr} would move that boundary: keep psnr.iterations = {saved_psnr}"
+            )
+        if in_gan and iteration > psnr + gan:
+            raise ResumeError(
+                f"{where}, {iteration - psnr} iterations into the GAN stage; gan.iterations = {gan} "
+                f"ends before that: set gan.iterations >= {iteration - psnr}"
+            )
 
     # --- steps -------------------------------------------------------------------------------
     def _pixel_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
@@ -332,9 +364,10 @@ class Trainer:
         deg = self.config.degradation
         scores = []
         for i, path in enumerate(self.val_files):
-            hr = crop_to_scale(load_gray(path), deg.scale)
+            img, levels = read_gray(path)
+            hr = crop_to_scale(img, deg.scale)
             lr = deg(hr, np.random.default_rng(self.config.seed + i))
-            sr = quantize(up(lr), levels_of(path))  # as `model eval` scores it: saved images are integers
+            sr = quantize(up(lr), levels)  # as `model eval` scores it: saved images are integers
             scores.append((psnr(sr, hr), ssim(sr, hr)))
         self.ema.train(False)
         mean = np.mean(scores, axis=0)
