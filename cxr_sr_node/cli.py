@@ -7,6 +7,7 @@ Configuration is merged here, once: defaults < TOML (``--config`` or ``CXRSR_CON
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,22 @@ def _config(config_file: Path | None, **flags: Any) -> NodeConfig:
         return load_config(toml_path=config_file, flags=flags)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _existing_spool(cfg: NodeConfig) -> Any:
+    """The spool of ``status`` / ``retry``: one that exists (a mistyped path must not look like an
+    empty, healthy spool, created on the spot), opened with a one-line error when it cannot be."""
+    from cxr_sr_node.spool import Spool
+
+    if not (Path(cfg.spool) / "jobs.sqlite").is_file():
+        raise click.ClickException(
+            f"no spool at {cfg.spool} (no jobs.sqlite there): check spool / --spool / CXRSR_SPOOL; "
+            "a node creates its spool when it first starts"
+        )
+    try:
+        return Spool(cfg.spool)
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(f"spool {cfg.spool} cannot be opened: {exc}") from None
 
 
 config_option = click.option(
@@ -152,9 +169,7 @@ def check(config_file: Path | None, no_model: bool, no_dest: bool, **flags: Any)
 def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """Spool counts by state, and the failed jobs with their reasons."""
     cfg = _config(config_file, **flags)
-    from cxr_sr_node.spool import Spool
-
-    spool = Spool(cfg.spool)
+    spool = _existing_spool(cfg)
     counts = spool.counts()
     failed = [{"job_id": j.job_id, "series_instance_uid": j.series_uid, "reason": j.reason} for j in spool.jobs("failed")]
     holder = spool.node_holder()
@@ -176,13 +191,14 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
 @spool_option
 def retry(job_ids: tuple[str, ...], all_failed: bool, config_file: Path | None, **flags: Any) -> None:
     """Re-queue failed jobs (to sending if their output exists, else to processing)."""
-    cfg = _config(config_file, **flags)
-    from cxr_sr_node.spool import Spool
-
-    spool = Spool(cfg.spool)
-    ids = list(job_ids) + ([j.job_id for j in spool.jobs("failed")] if all_failed else [])
-    if not ids:
+    if not job_ids and not all_failed:
         raise click.UsageError("name at least one JOB_ID, or --all-failed")
+    cfg = _config(config_file, **flags)
+    spool = _existing_spool(cfg)
+    ids = list(job_ids) + ([j.job_id for j in spool.jobs("failed")] if all_failed else [])
+    if not ids:  # --all-failed with nothing failed: nothing to do is not an error (cron)
+        click.echo("no failed jobs to re-queue")
+        return
     errors = 0
     for job_id in ids:
         try:

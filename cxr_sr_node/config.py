@@ -56,10 +56,12 @@ class AllowRule:
     host: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> AllowRule:
-        ae, _, host = text.strip().partition("@")
-        _check_ae(ae, "allow")
-        return cls(ae, host or None)
+    def parse(cls, text: str, *, key: str = "allow") -> AllowRule:
+        ae, at, host = text.strip().partition("@")
+        _check_ae(ae, key)
+        if at and not host.strip():
+            raise ConfigError(f"{key}: {text.strip()!r} names no host after '@'; write AE or AE@HOST")
+        return cls(ae, host.strip() or None)
 
     def matches(self, ae_title: str, address: str) -> bool:
         if ae_title.strip() != self.ae_title:
@@ -182,13 +184,24 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if key == "dest":
         return None if value in (None, "") else (value if isinstance(value, Peer) else Peer.parse(str(value), key=where))
     if key == "allow":
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(v if isinstance(v, AllowRule) else AllowRule.parse(str(v)) for v in items if str(v).strip())
+        if isinstance(value, str):
+            items = value.split(",")
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise ConfigError(f"{where}: expected a list of \"AE\" or \"AE@HOST\" strings, got {value!r}")
+        for v in items:
+            if not isinstance(v, str | AllowRule):
+                raise ConfigError(f"{where}: expected \"AE\" or \"AE@HOST\" strings, got {v!r}")
+        return tuple(v if isinstance(v, AllowRule) else AllowRule.parse(v, key=where) for v in items if str(v).strip())
     if key == "peers":
         if isinstance(value, str):  # env: "AE@HOST:PORT,AE2@HOST:PORT"
             value = [v for v in value.split(",") if v.strip()]
         if isinstance(value, Mapping):  # TOML table: AE = "HOST:PORT"
-            peers = [Peer.parse(f"{ae}@{addr}", key=f"peers.{ae}") for ae, addr in value.items()]
+            for ae, addr in value.items():
+                if not isinstance(addr, str) or ":" not in addr:
+                    raise ConfigError(f"peers.{ae} (from {source}): expected \"HOST:PORT\", got {addr!r}")
+            peers = [Peer.parse(f"{ae}@{addr}", key=f"peers.{ae} (from {source})") for ae, addr in value.items()]
         else:
             peers = [p if isinstance(p, Peer) else Peer.parse(str(p), key=where) for p in value]
         return {p.ae_title: p for p in peers}
@@ -262,17 +275,28 @@ def load_config(
     """Merge defaults < TOML < ``CXRSR_*`` environment < flags (flags that are None are unset)."""
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     toml_path = toml_path or (Path(environ["CXRSR_CONFIG"]) if environ.get("CXRSR_CONFIG") else None)
-    if toml_path is not None:
-        _apply(merged, read_toml(toml_path), str(toml_path))
-    _apply(merged, environment_values(environ), "environment")
-    _apply(merged, {k: v for k, v in (flags or {}).items() if v is not None and v != ()}, "command line")
+    layers = [(read_toml(toml_path), str(toml_path))] if toml_path is not None else []
+    layers += [(environment_values(environ), "environment"),
+               ({k: v for k, v in (flags or {}).items() if v is not None and v != ()}, "command line")]
+    for values, source in layers:
+        _apply(merged, values, source)
+        sources.update(dict.fromkeys(values, source))
     try:
         return NodeConfig(**merged)
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        raise ConfigError(_with_source(str(exc), sources)) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _with_source(message: str, sources: Mapping[str, str]) -> str:
+    """``port: must be …`` -> ``port (from cxr.toml): must be …``, for a key that was set somewhere."""
+    key, colon, rest = message.partition(":")
+    if colon and key in sources:
+        return f"{key} (from {sources[key]}):{rest}"
+    return message
 
 
 def with_changes(config: NodeConfig, **changes: Any) -> NodeConfig:

@@ -13,8 +13,16 @@ Check = tuple[str, bool, str]
 
 
 def run_checks(config: NodeConfig, *, load_model: bool = True, echo_dest: bool = True) -> Iterator[Check]:
-    yield "config", True, f"AE {config.ae_title} port {config.port}, dest {config.dest or 'none (output kept in spool/done)'}"
+    if config.dest is not None:
+        dest = str(config.dest)
+    elif config.return_to_sender and config.peers:
+        dest = f"none; back to the sender for {len(config.peers)} peer(s), others kept in spool/done"
+    else:
+        dest = "none (output kept in spool/done)"
+    yield "config", True, f"AE {config.ae_title} port {config.port}, dest {dest}"
     yield _check_spool(config)
+    if config.tls_cert is not None:
+        yield _check_tls(config)
     if load_model:
         yield _check_model(config)
     if config.dest is not None and echo_dest:
@@ -34,6 +42,18 @@ def _check_spool(config: NodeConfig) -> Check:
     if free_mb < config.min_free_disk_mb:
         return "spool", False, f"{free_mb} MiB free at {root}, below min_free_disk_mb={config.min_free_disk_mb}; free space"
     return "spool", True, f"{root} writable, {free_mb} MiB free"
+
+
+def _check_tls(config: NodeConfig) -> Check:
+    from cxr_sr_node.scp import server_tls_context
+
+    try:
+        server_tls_context(config)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return "tls", False, (f"tls_cert {config.tls_cert} / tls_key {config.tls_key}"
+                              f"{f' / tls_ca {config.tls_ca}' if config.tls_ca else ''} cannot be loaded ({exc}); "
+                              "give a PEM certificate, its private key and (for client certificates) a PEM CA file")
+    return "tls", True, f"certificate {config.tls_cert} loaded" + (", client certificates required" if config.tls_ca else "")
 
 
 def _check_model(config: NodeConfig) -> Check:

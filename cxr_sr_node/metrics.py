@@ -35,7 +35,7 @@ class Metrics:
 
 def start_http(host: str, port: int, metrics: Metrics, health: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self, *, head: bool = False) -> None:  # noqa: N802 - http.server's naming
             if self.path == "/metrics":
                 body, ctype, code = metrics.render(), "text/plain; version=0.0.4", 200
             elif self.path == "/healthz":
@@ -47,7 +47,11 @@ def start_http(host: str, port: int, metrics: Metrics, health: Callable[[], tupl
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not head:
+                self.wfile.write(body)
+
+        def do_HEAD(self) -> None:  # noqa: N802 - load balancers and probes (curl -I) ask with HEAD
+            self.do_GET(head=True)
 
         def log_message(self, *args) -> None:  # access logs would only repeat the path
             pass

@@ -14,11 +14,15 @@ and jobs whose worker's lease expired.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
+import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cxr_sr_node.config import NodeConfig, Peer
 from cxr_sr_node.logs import get_logger
@@ -35,6 +39,10 @@ log = get_logger("cxr_sr_node.node")
 RECONCILE_INTERVAL_S = 30.0
 
 
+class StartError(RuntimeError):
+    """The node cannot start as configured; the message names the setting to change."""
+
+
 def destination(config: NodeConfig, calling_ae: str) -> Peer | None:
     """Back to the caller when return_to_sender is on and the caller is a known peer, else dest."""
     if config.return_to_sender and calling_ae in config.peers:
@@ -49,9 +57,11 @@ def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
     files = sorted((spool.job_dir(job.job_id, "sending") / "out").glob("*.dcm"))
     peer = destination(config, job.calling_ae)
     if peer is None:
-        spool.finish_sending(job.job_id, {"peer": None, "sent": 0, "note": "no destination configured; output kept in done/"},
+        reason = (f"calling AE {job.calling_ae!r} is not in [peers] (return_to_sender) and no dest is configured"
+                  if config.return_to_sender else "no destination configured")
+        spool.finish_sending(job.job_id, {"peer": None, "sent": 0, "note": f"{reason}; output kept in done/"},
                              attempt=job.send_attempts)
-        log.info("send.skipped", job_id=job.job_id, reason="no destination configured", files=len(files))
+        log.info("send.skipped", job_id=job.job_id, reason=reason, files=len(files))
         return "skipped"
     started = time.perf_counter()
     try:
@@ -84,6 +94,8 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: list[mp.Process] = []
+        self._slots: list = []  # per worker index: the job id and attempt it is processing (worker.holding)
+        self._signalled = False
         self._http = None
         # celery runner: the publisher, and when each (job, stage) was last published by this node
         self.queue = None
@@ -106,35 +118,72 @@ class Node:
         log.info("spool.recovered", root=str(self.spool.root), **fixed, **self.spool.counts())
         ctx = mp.get_context("spawn")
         events = []
-        for index in range(self.config.workers if self.queue is None else 0):
-            ready = ctx.Event()
-            proc = ctx.Process(target=worker_main, args=(self.config, ready), kwargs={"index": index}, daemon=False,
-                               name=f"cxr-sr-worker-{index}")
-            proc.start()
-            self._workers.append(proc)
-            events.append((proc, ready))
-        deadline = time.monotonic() + wait_for_workers_s
-        for proc, ready in events:
-            while not ready.wait(0.2):
-                if not proc.is_alive():
-                    self.stop()
-                    raise RuntimeError(f"worker process exited with code {proc.exitcode} while loading the model; see the log above")
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"worker did not load the model within {wait_for_workers_s} s")
-        if self.queue is not None:
-            self._declare_queues()
-        self.scp.start()
-        loops = [(self._schedule_loop, "scheduler")] + ([(self._send_loop, "sender")] if self.queue is None else [])
-        for target, name in loops:
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
-        if self.config.http_port:
-            self._http = start_http(self.config.bind_address, self.config.http_port, self.metrics, self.health)
+        try:
+            for index in range(self.config.workers if self.queue is None else 0):
+                ready = ctx.Event()
+                self._slots.append(ctx.Array("c", 256, lock=False))
+                proc = self._spawn(index, ready)
+                events.append((proc, ready))
+            deadline = time.monotonic() + wait_for_workers_s
+            for proc, ready in events:
+                while not ready.wait(0.2):
+                    if not proc.is_alive():
+                        raise RuntimeError(
+                            f"worker process exited with code {proc.exitcode} while loading the model; see the log above"
+                        )
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"worker did not load the model within {wait_for_workers_s} s")
+            if self.queue is not None:
+                self._declare_queues()
+            self._listen("port", self.config.port, self.scp.start)
+            loops = [(self._schedule_loop, "scheduler")] + ([(self._send_loop, "sender")] if self.queue is None else [])
+            for target, name in loops:
+                t = threading.Thread(target=target, name=name, daemon=True)
+                t.start()
+                self._threads.append(t)
+            if self.config.http_port:
+                self._http = self._listen(
+                    "http_port", self.config.http_port,
+                    lambda: start_http(self.config.bind_address, self.config.http_port, self.metrics, self.health),
+                )
+        except BaseException:
+            # the workers are not daemons: left running they would keep the process alive (and a
+            # half-started node receiving) after the error is printed
+            self.stop(worker_grace_s=30.0)
+            raise
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
                  dest=str(self.config.dest) if self.config.dest else None, workers=len(self._workers),
                  spool=str(Path(self.config.spool).resolve()), runner=self.config.runner)
+
+    def _spawn(self, index: int, ready: Any = None) -> mp.Process:
+        proc = mp.get_context("spawn").Process(
+            target=worker_main, args=(self.config, ready), kwargs={"index": index, "slot": self._slots[index]},
+            daemon=False, name=f"cxr-sr-worker-{index}",
+        )
+        proc.start()
+        if index < len(self._workers):
+            self._workers[index] = proc  # the replacement takes the same GPU and slot
+        else:
+            self._workers.append(proc)
+        return proc
+
+    def _listen(self, key: str, port: int, start: Callable[[], Any]) -> Any:
+        """``start()``, with an OSError (port in use, address not here, bad TLS files) turned into
+        an error that names the setting to change."""
+        try:
+            return start()
+        except ssl.SSLError as exc:
+            raise StartError(
+                f"tls_cert / tls_key / tls_ca ({self.config.tls_cert}, {self.config.tls_key}, {self.config.tls_ca}) "
+                f"cannot be loaded: {exc}; give a PEM certificate and its private key"
+            ) from None
+        except OSError as exc:
+            what = {errno.EADDRINUSE: "is already in use (another node or program listens there)",
+                    errno.EADDRNOTAVAIL: "is not an address of this machine",
+                    errno.EACCES: "needs privileges (ports below 1024)"}.get(exc.errno, f"cannot be opened ({exc})")
+            raise StartError(
+                f"{key} {port} on {self.config.bind_address} {what}: choose another {key} (or bind_address)"
+            ) from None
 
     def stop(self, *, worker_grace_s: float = 600.0) -> None:
         self.scp.stop()
@@ -168,26 +217,34 @@ class Node:
     def serve_forever(self) -> None:
         import signal
 
+        # the handler only flips a flag: Event.set() from a handler deadlocks when the signal lands
+        # while the main thread holds that Event's lock (inside its own wait)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+            signal.signal(sig, lambda *_: setattr(self, "_signalled", True))
         self.start()
         try:
-            while not self._stop.wait(1.0):
-                dead = [p for p in self._workers if not p.is_alive()]
-                if dead:
-                    log.error("worker.died", exitcodes=[p.exitcode for p in dead])
-                    self._restart_workers(dead)
+            while not self._signalled:
+                time.sleep(0.5)
+                self.check_workers()
         finally:
             self.stop()
 
-    def _restart_workers(self, dead: list[mp.Process]) -> None:
-        ctx = mp.get_context("spawn")
-        for proc in dead:
-            index = self._workers.index(proc)  # the replacement takes the same GPU
-            new = ctx.Process(target=worker_main, args=(self.config, None), kwargs={"index": index},
-                              name=f"cxr-sr-worker-{index}")
-            new.start()
-            self._workers[index] = new
+    def check_workers(self) -> list[int]:
+        """Replace workers that died; the job one was processing is released to be taken at once
+        (not after its lease, 15 min by default). Returns the indexes replaced."""
+        from cxr_sr_node.worker import holding
+
+        dead = [i for i, p in enumerate(self._workers) if not p.is_alive()]
+        if not dead:
+            return []
+        log.error("worker.died", exitcodes=[self._workers[i].exitcode for i in dead])
+        for index in dead:
+            held = holding(self._slots[index])
+            if held and self.spool.release_lease(held[0], attempt=held[1]):
+                log.warning("job.released", job_id=held[0], attempt=held[1], reason="its worker died")
+            self._slots[index].value = b""
+            self._spawn(index)
+        return dead
 
     # --- loops -----------------------------------------------------------------------------------
     def _schedule_loop(self) -> None:

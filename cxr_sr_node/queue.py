@@ -248,7 +248,7 @@ class WorkerState:
 
     # --- the tasks -------------------------------------------------------------------------------
     def process(self, job_id: str, uri: str, *, redelivered: bool, app: Any) -> str:
-        """Claim the job, derive its outputs like ``worker.run_one``, then publish ``send``."""
+        """Claim the job, derive its outputs like the embedded worker (``worker.run_claimed``), then publish ``send``."""
         from celery.exceptions import Reject
 
         from cxr_sr_node.worker import run_claimed

@@ -120,6 +120,20 @@ class SeriesTracker:
             self._series.pop(key, None)
 
 
+def server_tls_context(cfg: NodeConfig) -> ssl.SSLContext | None:
+    """DICOM TLS (PS3.15 B.9 / BCP 195): TLS 1.2+, our certificate, optionally client certificates.
+    None without ``tls_cert``; ssl.SSLError for files that are not a PEM certificate and its key."""
+    if cfg.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=cfg.tls_cert, keyfile=cfg.tls_key)
+    if cfg.tls_ca is not None:
+        context.load_verify_locations(cafile=cfg.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class StorageSCP:
     """pynetdicom AE serving C-ECHO and C-STORE into the spool."""
 
@@ -180,17 +194,7 @@ class StorageSCP:
                  tls=self.config.tls_cert is not None, client_certificates=self.config.tls_ca is not None)
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """DICOM TLS (PS3.15 B.9 / BCP 195): TLS 1.2+, our certificate, optionally client certificates."""
-        cfg = self.config
-        if cfg.tls_cert is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(certfile=cfg.tls_cert, keyfile=cfg.tls_key)
-        if cfg.tls_ca is not None:
-            context.load_verify_locations(cafile=cfg.tls_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return server_tls_context(self.config)
 
     @property
     def port(self) -> int:
@@ -215,6 +219,15 @@ class StorageSCP:
             log.warning("association.rejected", calling_ae=calling, address=rq.address, reason="calling AE not allowed")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognised
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is on the wire, as pynetdicom's own checks do
+            return
+        called = rq.primitive.called_ae_title.strip() if rq.primitive else ""
+        if called != self.config.ae_title:
+            # pynetdicom's own check (require_called_aet) would reject it too, but without a log line:
+            # a peer configured with the wrong AE title is the commonest set-up error
+            log.warning("association.rejected", calling_ae=calling, address=rq.address, called_ae=called,
+                        reason=f"called AE title {called!r} is not this node's {self.config.ae_title!r} (ae_title)")
+            event.assoc.acse.send_reject(0x01, 0x01, 0x07)  # rejected-permanent, called AE not recognised
+            event.assoc.kill()
             return
         free = shutil.disk_usage(self.spool.root).free
         if free < self.config.min_free_disk_mb * 1024 * 1024:

@@ -21,6 +21,7 @@ a crash between the two. Nothing here imports torch.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -84,9 +85,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def safe_name(uid: str) -> str:
-    """A UID as a file name; anything that is not a UID character is replaced."""
-    cleaned = "".join(c if c.isdigit() or c == "." else "_" for c in uid.strip())
-    return cleaned[:128] or "unknown"
+    """A UID as a file name: a conformant UID as it is; otherwise every character that is not a
+    digit or '.' replaced and a hash of the whole value appended, so two non-conformant UIDs
+    (``1.2.a`` and ``1.2.b``) never share a file (the second would overwrite an instance that had
+    already been acknowledged) and no value can name a path outside its folder."""
+    value = uid.strip()
+    cleaned = "".join(c if c.isdigit() or c == "." else "_" for c in value)
+    if cleaned == value and value.strip(".") and len(value) <= 64:
+        return value
+    return f"{cleaned[:64]}_{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
 
 class LeaseLost(RuntimeError):
@@ -542,6 +549,17 @@ class Spool:
                 "UPDATE jobs SET lease_until = 0 WHERE state IN ('running', 'sending') AND lease_until > 0"
             )
             return cursor.rowcount
+
+    def release_lease(self, job_id: str, *, attempt: int) -> bool:
+        """End the lease of ``job_id``'s process attempt ``attempt`` now, when that attempt still
+        holds it (the node saw the worker that claimed it die). Returns whether it did; the next
+        claim then takes the job as a lost one (its attempt counts, like after an expired lease)."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET lease_until = 0 WHERE job_id = ? AND state = 'running' AND attempts = ?",
+                (job_id, attempt),
+            )
+            return cursor.rowcount == 1
 
     def sweep_tmp(self, older_than_s: float) -> int:
         """Delete files in ``tmp/`` untouched for ``older_than_s``; returns how many.

@@ -154,15 +154,6 @@ def run_claimed(job: Job, spool: Spool, engine: Engine, config: NodeConfig) -> t
     return "processed", result
 
 
-def run_one(spool: Spool, engine: Engine, config: NodeConfig) -> bool:
-    """Claim and process one job; returns False when there was nothing to do."""
-    job = spool.claim(stage="process", lease_s=config.lease_s, max_attempts=config.max_attempts)
-    if job is None:
-        return False
-    run_claimed(job, spool, engine, config)
-    return True
-
-
 def _exit_with_the_node() -> None:
     """Exit when the node process that started this worker is gone.
 
@@ -187,24 +178,53 @@ def _exit_with_the_node() -> None:
     threading.Thread(target=watch, name="node-watch", daemon=True).start()
 
 
-def worker_main(config: NodeConfig, ready: Any = None, poll_s: float = 0.5, index: int = 0) -> None:
+def holding(slot: Any) -> tuple[str, int] | None:
+    """The (job id, attempt) a worker's shared ``slot`` says it is processing, or None."""
+    value = slot.value.decode() if slot is not None else ""
+    if not value:
+        return None
+    job_id, attempt = value.rsplit(":", 1)
+    return job_id, int(attempt)
+
+
+def worker_main(
+    config: NodeConfig, ready: Any = None, poll_s: float = 0.5, index: int = 0, slot: Any = None
+) -> None:
     """Child-process entry point (multiprocessing 'spawn'); ``index`` picks its GPU (see
-    ``model.inference.worker_device``: worker i of N on GPU i mod N when device is auto or cuda)."""
+    ``model.inference.worker_device``: worker i of N on GPU i mod N when device is auto or cuda).
+    ``slot`` (a shared char array) holds ``job_id:attempt`` while a job is processed, so the node
+    can release that job's lease the moment it sees this process die."""
     configure_logging(config.log_level, json=config.log_json)
     _exit_with_the_node()
     from model.inference import worker_device  # torch is imported by the worker anyway (Engine.load)
 
     config = dataclasses.replace(config, device=worker_device(config.device, index))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # the handler only flips a flag: an Event.set() in a signal handler can deadlock on the lock the
+    # interrupted Event.wait() holds
+    stopping = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stopping.__setitem__(0, True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     spool = Spool(config.spool)
-    engine = Engine.load(config)
+    try:
+        engine = Engine.load(config)
+    except Exception as exc:  # noqa: BLE001 - one line naming the setting, not a traceback in the log
+        log.error("worker.start_failed", pid=os.getpid(), checkpoint=str(config.checkpoint or "default"),
+                  device=config.device, error=f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
     log.info("worker.started", pid=os.getpid(), index=index, model=engine.model.name, model_sha256=engine.model.sha256[:12],
              device=str(getattr(engine.upscale, "device", "cpu")))
     if ready is not None:
         ready.set()
-    while not stop.is_set():
-        if not run_one(spool, engine, config):
-            stop.wait(poll_s)
+    while not stopping[0]:
+        job = spool.claim(stage="process", lease_s=config.lease_s, max_attempts=config.max_attempts)
+        if job is None:
+            time.sleep(poll_s)
+            continue
+        if slot is not None:
+            slot.value = f"{job.job_id}:{job.attempts}".encode()
+        try:
+            run_claimed(job, spool, engine, config)
+        finally:
+            if slot is not None:
+                slot.value = b""
     log.info("worker.stopped", pid=os.getpid())

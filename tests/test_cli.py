@@ -71,10 +71,23 @@ def test_bad_config_value_is_one_line_naming_the_key(tmp_path):
 
 
 def test_status_counts_json(tmp_path):
+    from cxr_sr_node.spool import Spool
+
+    Spool(tmp_path / "spool")  # as a node's first start leaves it
     result = cli("status", "--spool", str(tmp_path / "spool"), "--json")
     assert result.returncode == 0
     data = json.loads(result.stdout)
     assert data["counts"]["ready"] == 0 and data["failed"] == [] and data["node_pid"] is None
+    done = cli("retry", "--all-failed", "--spool", str(tmp_path / "spool"))
+    assert done.returncode == 0 and "no failed jobs to re-queue" in done.stdout  # nothing to do is no error
+
+
+def test_status_and_retry_do_not_create_a_mistyped_spool(tmp_path):
+    for args in (["status"], ["retry", "--all-failed"]):
+        result = cli(*args, "--spool", str(tmp_path / "spoool"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"no spool at {tmp_path / 'spoool'} (no jobs.sqlite there)" in result.stderr
+    assert not (tmp_path / "spoool").exists()
 
 
 def test_healthz_and_metrics(tmp_path, storescp):
@@ -91,6 +104,9 @@ def test_healthz_and_metrics(tmp_path, storescp):
             health = json.loads(resp.read())
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
+        head = urllib.request.Request(f"http://127.0.0.1:{http}/healthz", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as resp:  # probes that ask with HEAD (curl -I)
+            assert resp.status == 200 and resp.read() == b"" and int(resp.headers["Content-Length"]) > 0
         status = json.loads(cli("status", "--spool", str(cfg.spool), "--json").stdout)
     assert status["node_pid"] == os.getpid()  # the node runs in this process
     assert json.loads(cli("status", "--spool", str(cfg.spool), "--json").stdout)["node_pid"] is None  # stopped

@@ -41,11 +41,12 @@ def test_node_table_and_env_config_path(tmp_path: Path):
     ("environ", "flags", "message"),
     [
         ({"CXRSR_PORT": "eleven"}, {}, "port (from environment): expected int, got 'eleven'"),
-        ({}, {"port": 70000}, "port: must be a TCP port"),
+        ({}, {"port": 70000}, "port (from command line): must be a TCP port"),
         ({}, {"dest": "ORTHANC@pacs"}, "dest (from command line): expected AE@HOST:PORT"),
-        ({}, {"ae_title": "WAY_TOO_LONG_AE_TITLE"}, "ae_title: AE title must be 1-16"),
-        ({"CXRSR_SERIES_IDLE_S": "-1"}, {}, "series_idle_s: must be >= 0"),
-        ({"CXRSR_DEVICE": "tpu"}, {}, "device: expected auto, cpu or cuda"),
+        ({}, {"ae_title": "WAY_TOO_LONG_AE_TITLE"}, "ae_title (from command line): AE title must be 1-16"),
+        ({"CXRSR_SERIES_IDLE_S": "-1"}, {}, "series_idle_s (from environment): must be >= 0"),
+        ({"CXRSR_DEVICE": "tpu"}, {}, "device (from environment): expected auto, cpu or cuda"),
+        ({}, {"allow": ("MODALITY@",)}, "'MODALITY@' names no host after '@'; write AE or AE@HOST"),
         ({"CXRSR_RETURN_TO_SENDER": "maybe"}, {}, "return_to_sender (from environment): expected bool"),
         ({"CXRSR_NO_SUCH_KEY": "1"}, {}, "no_such_key (from environment): unknown setting"),
     ],
@@ -55,6 +56,23 @@ def test_bad_values_are_one_line_errors_naming_the_key(environ, flags, message):
         load_config(environ=environ, flags=flags)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("allow = 5\n", 'allow (from {path}): expected a list of "AE" or "AE@HOST" strings, got 5'),
+        ("allow = [5]\n", 'allow (from {path}): expected "AE" or "AE@HOST" strings, got 5'),
+        ("[peers]\nX = 5\n", 'peers.X (from {path}): expected "HOST:PORT", got 5'),
+        ("port = 99999\n", "port (from {path}): must be a TCP port"),
+    ],
+)
+def test_bad_toml_values_name_the_key_and_the_file(tmp_path: Path, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(toml_path=path, environ={})
+    assert message.format(path=path) in str(info.value)
 
 
 def test_bad_toml_names_the_file(tmp_path: Path):

@@ -182,3 +182,85 @@ def test_a_restart_takes_a_dead_workers_job_at_once_not_after_its_lease(tmp_path
         node.wait(60)
     assert spool.get(job_id).attempts == 2
     assert '"leases_expired": 1' in log.read_text() or "leases_expired=1" in log.read_text()
+
+
+@pytest.mark.parametrize("busy", ["port", "http_port"])
+def test_serve_exits_naming_the_port_when_it_cannot_listen(tmp_path, busy):
+    """A failed start after the workers were spawned used to print the error and then never exit
+    (the non-daemon workers kept the process alive; with the HTTP port taken it even received)."""
+    import socket
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    port = taken if busy == "port" else free_port()
+    http = free_port() if busy == "port" else taken
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cxr_sr_node.cli", "serve", "--port", str(port), "--bind", "127.0.0.1",
+             "--http-port", str(http), "--spool", str(tmp_path / "spool"), "--workers", "1",
+             "--checkpoint", str(checkpoint), "--device", "cpu"],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "CXRSR_MIN_FREE_DISK_MB": "1"})
+    finally:
+        holder.close()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{busy} {taken} on 127.0.0.1 is already in use" in proc.stderr and f"choose another {busy}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "worker.started" in proc.stderr and "worker.stopped" in proc.stderr  # started, then stopped
+
+
+def test_a_worker_killed_mid_job_releases_the_job_at_once(tmp_path):
+    """kill -9 of a worker: the node replaces it and the job it held is taken again now, not after
+    its 15-minute lease."""
+    from tests.nodes import node_config, running_node
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    config = node_config(tmp_path, checkpoint, workers=1, lease_s=900)
+    with running_node(config) as node:
+        worker = node._workers[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        # what the worker had done before it died: claimed a job and said so in its slot
+        spool, job_id = _spool_with_one_job(tmp_path)
+        job = spool.claim(stage="process", lease_s=900, max_attempts=3)
+        assert job.job_id == job_id and job.attempts == 1
+        node._slots[0].value = f"{job_id}:1".encode()
+        assert node.check_workers() == [0]
+        assert node._workers[0].pid != worker.pid and node._workers[0].is_alive()
+        wait_until(lambda: spool.get(job_id).state == "done", 90, "the released job to be taken and finished")
+    assert spool.get(job_id).attempts == 2
+    # a stale slot (the attempt already ended) releases nothing
+    assert not spool.release_lease(job_id, attempt=1)
+
+
+def test_sigterm_stops_the_node_while_it_receives(tmp_path):
+    """SIGTERM during a transfer stops the node (the handler used to call Event.set(), which can
+    deadlock when the signal lands while the main thread holds that Event's lock)."""
+    try:
+        require_binary("storescu", "dcmtk")
+    except PeerMissing as exc:
+        pytest.skip(str(exc))
+    log = tmp_path / "node.log"
+    files = tmp_path / "in"
+    files.mkdir()
+    src = CHEST_DIR / "CR-MONO1-10-chest.dcm"
+    for i in range(20):
+        ds = pydicom.dcmread(src, force=True)
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(files / f"{i}.dcm")
+    for _ in range(5):  # bounded: five stops, each during a transfer
+        port = free_port()
+        node = start_node(tmp_path / "spool", port, "--workers", "0", log=log)
+        sender = subprocess.Popen(["storescu", "-aec", "CXRSR", "127.0.0.1", str(port), *map(str, files.iterdir())],
+                                  env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        node.send_signal(signal.SIGTERM)
+        try:
+            assert node.wait(30) == 0, log.read_text()[-3000:]
+        finally:
+            node.kill()
+            sender.kill()
+            sender.wait()

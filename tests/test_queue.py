@@ -360,13 +360,14 @@ def test_failing_job_is_retried_then_dead_lettered(tmp_path, tiny_checkpoint, br
 @pytest.mark.parametrize(
     ("environ", "flags", "message"),
     [
-        ({"CXRSR_RUNNER": "gpu"}, {}, "runner: expected embedded or celery, got 'gpu'"),
-        ({}, {"runner": "Celery"}, "runner: expected embedded or celery, got 'Celery'"),
-        ({}, {"broker_url": "redis://user:secret@cache:6379/0"}, "broker_url: expected an amqp:// or amqps:// URL"),
+        ({"CXRSR_RUNNER": "gpu"}, {}, "runner (from environment): expected embedded or celery, got 'gpu'"),
+        ({}, {"runner": "Celery"}, "runner (from command line): expected embedded or celery, got 'Celery'"),
+        ({}, {"broker_url": "redis://user:secret@cache:6379/0"},
+         "broker_url (from command line): expected an amqp:// or amqps:// URL"),
     ],
 )
 def test_runner_and_broker_url_are_validated(environ, flags, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         load_config(environ=environ, flags=flags)
     assert "\n" not in str(info.value) and "secret" not in str(info.value)
 

@@ -118,10 +118,46 @@ def test_unknown_calling_ae_is_rejected(tmp_path):
     assert len(stored) == 1
 
 
-def test_wrong_called_ae_is_rejected(tmp_path):
-    with running_scp(tmp_path) as scp:
-        result = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="NOTCXRSR")
+def test_wrong_called_ae_is_rejected_with_an_audit_line(tmp_path):
+    import io
+    import logging
+
+    from cxr_sr_node.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    try:
+        with running_scp(tmp_path) as scp:
+            result = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="NOTCXRSR")
+    finally:
+        configure_logging("info")
+        logging.getLogger().handlers[0].flush()
     assert result.returncode != 0
+    assert "called ae title not recognized" in (result.stdout + result.stderr).lower()
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines() if "association.rejected" in x]
+    assert line["calling_ae"] == "ECHOSCU" and line["called_ae"] == "NOTCXRSR"
+    assert "'NOTCXRSR' is not this node's 'CXRSR' (ae_title)" in line["reason"]
+
+
+def test_non_conformant_sop_uids_never_share_a_file(tmp_path):
+    """'1.2.3.a' and '1.2.3.b' used to become the same file name: the second, acknowledged too,
+    overwrote the first."""
+    template = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    with running_scp(tmp_path) as scp:
+        ae = AE(ae_title="SLOPPY")
+        ae.add_requested_context(template.SOPClassUID, [template.file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+        assert assoc.is_established
+        results = []
+        for suffix in ("a", "b"):
+            ds = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.55.{suffix}"
+            results.append(int(assoc.send_c_store(ds).Status))
+        assoc.release()
+        stored = incoming_files(scp)
+    assert results == [statuses.SUCCESS, statuses.SUCCESS]
+    assert len(stored) == 2
+    assert sorted(str(pydicom.dcmread(f).SOPInstanceUID)[-1] for f in stored) == ["a", "b"]
 
 
 def _raw_store(port: int, payload: bytes, sop_class: str, sop_uid: str) -> int:

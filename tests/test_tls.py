@@ -66,5 +66,29 @@ def test_tls_with_ca_requires_a_client_certificate(tmp_path, pki):
 def test_tls_settings_are_checked(tmp_path, pki):
     with pytest.raises(ConfigError, match="tls_cert and tls_key: set both"):
         load_config(environ={}, flags={"tls_cert": pki / "server.pem"})
-    with pytest.raises(ConfigError, match="tls_key: file .* does not exist"):
+    with pytest.raises(ConfigError, match=r"tls_key \(from command line\): file .* does not exist"):
         load_config(environ={}, flags={"tls_cert": pki / "server.pem", "tls_key": tmp_path / "nope.key"})
+
+
+def test_check_loads_the_tls_files_and_serve_names_them(tmp_path, pki):
+    """A certificate file that is not PEM passed `check` (the systemd start check) and then made
+    `serve` fail with '[SSL] PEM lib' without naming a setting."""
+    from cxr_sr_node.health import run_checks
+    from cxr_sr_node.node import Node, StartError
+    from tests.peers import free_port
+
+    good = load_config(environ={}, flags={"tls_cert": pki / "server.pem", "tls_key": pki / "server.key",
+                                          "tls_ca": pki / "ca.pem", "spool": tmp_path / "spool"})
+    checks = {name: (ok, detail) for name, ok, detail in run_checks(good, load_model=False, echo_dest=False)}
+    assert checks["tls"] == (True, f"certificate {pki / 'server.pem'} loaded, client certificates required")
+    garbage = tmp_path / "bad.pem"
+    garbage.write_text("not a certificate\n")
+    bad = load_config(environ={}, flags={"tls_cert": garbage, "tls_key": garbage, "spool": tmp_path / "spool",
+                                         "port": free_port(), "bind_address": "127.0.0.1", "workers": 0,
+                                         "min_free_disk_mb": 1})
+    ok, detail = {n: (o, d) for n, o, d in run_checks(bad, load_model=False, echo_dest=False)}["tls"]
+    assert not ok and f"tls_cert {garbage}" in detail and "cannot be loaded" in detail
+    node = Node(bad)
+    with pytest.raises(StartError, match=r"tls_cert / tls_key / tls_ca .*bad.pem.* cannot be loaded"):
+        node.start()
+    assert node._lock_fd is None  # stopped again: the spool is free for the next start
