@@ -162,6 +162,11 @@ def load_checkpoint(path: Path, *, verify_sha256: bool = True) -> tuple[Generato
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
+    if path.suffix == ".pt":
+        raise CheckpointError(
+            f"{path} is a training state, not a checkpoint: turn its EMA weights into one with "
+            f"`cxr-sr-node model export {path.parent} OUT.safetensors --which state`"
+        )
     card = read_card(path)
     if verify_sha256:
         actual = sha256_file(path)

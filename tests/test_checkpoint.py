@@ -279,3 +279,11 @@ def test_the_same_weights_give_the_same_file_in_every_process(tmp_path):
     os.umask(umask)
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in paths)  # not safetensors' 0600
     load_checkpoint(paths[0])
+
+
+def test_a_training_state_given_as_checkpoint_points_to_export(tmp_path):
+    state = tmp_path / "run" / "state.pt"
+    state.parent.mkdir()
+    state.write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match=r"is a training state, not a checkpoint: .*model export .*--which state"):
+        load_checkpoint(state)
