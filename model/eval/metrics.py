@@ -7,6 +7,8 @@ SSIM is scikit-image's implementation with the settings of Wang et al. (2004) (G
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from skimage.metrics import structural_similarity
 
@@ -29,38 +31,31 @@ def psnr(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: fl
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
 
 
-def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> float:
-    _check(sr, hr)
-    return float(
-        structural_similarity(
-            _crop(hr, border).astype(np.float64),
-            _crop(sr, border).astype(np.float64),
-            data_range=data_range,
-            gaussian_weights=True,
-            sigma=SSIM_SIGMA,
-            use_sample_covariance=False,
-        )
-    )
-
-
 SSIM_SIGMA = 1.5
 # the rim scikit-image leaves out of the SSIM mean: half its Gaussian window (truncate 3.5 σ)
 SSIM_RIM = int(3.5 * SSIM_SIGMA + 0.5)
 
 
-def ssim_map(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> np.ndarray:
-    """The local SSIM values whose mean :func:`ssim` reports (border crop, then the window's rim)."""
+def _wang_ssim(sr: np.ndarray, hr: np.ndarray, border: int, data_range: float, *, full: bool) -> Any:
     _check(sr, hr)
-    _, full = structural_similarity(
+    return structural_similarity(
         _crop(hr, border).astype(np.float64),
         _crop(sr, border).astype(np.float64),
         data_range=data_range,
         gaussian_weights=True,
         sigma=SSIM_SIGMA,
         use_sample_covariance=False,
-        full=True,
+        full=full,
     )
-    return _crop(full, SSIM_RIM)
+
+
+def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> float:
+    return float(_wang_ssim(sr, hr, border, data_range, full=False))
+
+
+def ssim_map(sr: np.ndarray, hr: np.ndarray, *, border: int = BORDER, data_range: float = 1.0) -> np.ndarray:
+    """The local SSIM values whose mean :func:`ssim` reports (border crop, then the window's rim)."""
+    return _crop(_wang_ssim(sr, hr, border, data_range, full=True)[1], SSIM_RIM)
 
 
 def local_std(hr: np.ndarray, *, border: int = BORDER) -> np.ndarray:
