@@ -239,7 +239,10 @@ def test_unreachable_destination_fails_with_reason_then_retry_delivers(tmp_path,
         (job,) = wait_for_jobs_done(node, 1)
         assert job.state == "failed" and job.send_attempts == 3
         assert "LATEPACS@127.0.0.1" in job.reason and ("connect" in job.reason or "association" in job.reason)
-        reason = json.loads((cfg.spool / "failed" / job.job_id / "reason.json").read_text())
+        # the job table says 'failed' first (it is the truth); the folder move and reason.json follow
+        reason_file = wait_until(lambda: (p := cfg.spool / "failed" / job.job_id / "reason.json").is_file() and p,
+                                 10, "reason.json beside the failed job")
+        reason = json.loads(reason_file.read_text())
         assert reason["reason"] == job.reason
         assert len(list((cfg.spool / "failed" / job.job_id / "out").glob("*.dcm"))) == 1
 
