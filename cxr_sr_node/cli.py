@@ -179,7 +179,9 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
         return
     click.echo(f"spool {cfg.spool} ({f'served by pid {holder}' if holder else 'no node running on it'})")
     for key, value in counts.items():
-        click.echo(f"  {key:<16} {value}")
+        stale = holder is None and key in ("running", "sending") and value and cfg.runner == "embedded"
+        click.echo(f"  {key:<16} {value}" + ("  (left by a node that stopped; taken again at its next start)"
+                                            if stale else ""))
     for job in failed:
         click.echo(f"failed {job['job_id']}: {job['reason']}")
 

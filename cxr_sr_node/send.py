@@ -7,8 +7,10 @@ network error, which ends up in ``failed/<job>/reason.json`` after the last try.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -54,8 +56,8 @@ def send_files(
     except OSError as exc:
         raise SendError(f"{peer}: cannot connect ({exc})") from None
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        raise SendError(f"{peer}: association {why}; check the AE title, host, port and that the peer knows us as {calling_ae}")
+        raise SendError(f"{peer}: {_not_established(peer, assoc)}; check the AE title, host, port and that the peer "
+                        f"knows us as {calling_ae}")
     results: dict[str, str] = {}
     try:
         for path, header in zip(files, headers, strict=True):
@@ -71,6 +73,20 @@ def send_files(
         if assoc.is_established:
             assoc.release()
     return SendResult(str(peer), len(results), results)
+
+
+def _not_established(peer: Peer, assoc: Any) -> str:
+    """Why an association did not come up, as far as can be told: pynetdicom logs the socket error
+    but does not return it, so a refused or unreachable peer is told apart from one that took the
+    connection and then aborted by trying the TCP connection once more."""
+    if assoc.is_rejected:
+        return "association rejected"
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=5):
+            pass
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+    return "association aborted (the peer accepted the TCP connection, then dropped it)"
 
 
 def _status_name(code: int) -> str:
@@ -93,7 +109,7 @@ def echo(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        raise SendError(f"{peer}: association rejected, aborted or peer unreachable")
+        raise SendError(f"{peer}: {_not_established(peer, assoc)}")
     try:
         status = assoc.send_c_echo()
         if not status or "Status" not in status:

@@ -39,7 +39,7 @@ def test_check_fails_on_unreachable_dest_and_bad_spool(tmp_path):
     result = cli("check", "--no-model", "--spool", str(blocker / "spool"), "--dest", f"PACS@127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "FAIL spool:" in result.stdout and "not writable" in result.stdout
-    assert "FAIL dest: C-ECHO to PACS@127.0.0.1" in result.stdout
+    assert "FAIL dest: C-ECHO to PACS@127.0.0.1" in result.stdout and "cannot connect (Connection refused)" in result.stdout
 
 
 def test_the_start_up_check_passes_while_the_pacs_is_down(tmp_path):
@@ -80,6 +80,16 @@ def test_status_counts_json(tmp_path):
     assert data["counts"]["ready"] == 0 and data["failed"] == [] and data["node_pid"] is None
     done = cli("retry", "--all-failed", "--spool", str(tmp_path / "spool"))
     assert done.returncode == 0 and "no failed jobs to re-queue" in done.stdout  # nothing to do is no error
+
+
+def test_status_says_a_running_job_of_a_stopped_node_is_not_running(tmp_path):
+    from tests.test_durability import _spool_with_one_job
+
+    spool, _ = _spool_with_one_job(tmp_path)
+    spool.claim(stage="process", lease_s=900, max_attempts=3)  # then the node died
+    text = cli("status", "--spool", str(spool.root)).stdout
+    assert "no node running on it" in text
+    assert "running          1  (left by a node that stopped; taken again at its next start)" in text
 
 
 def test_status_and_retry_do_not_create_a_mistyped_spool(tmp_path):
