@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import multiprocessing as mp
 import os
+import sqlite3
 import ssl
 import threading
 import time
@@ -86,7 +87,13 @@ def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.spool = Spool(config.spool)
+        try:
+            self.spool = Spool(config.spool)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartError(
+                f"spool {config.spool} cannot be created or opened ({exc}); fix its permissions or choose "
+                "another spool (--spool, CXRSR_SPOOL)"
+            ) from None
         self._lock_fd: int | None = None
         self.tracker = SeriesTracker()
         self.metrics = Metrics(self.spool)

@@ -123,3 +123,12 @@ def test_healthz_and_metrics(tmp_path, storescp):
     assert health["ok"] is True and health["workers_alive"] == 1
     assert 'cxrsr_store_total{status="0x0000"} 1.0' in metrics
     assert 'cxrsr_jobs{state="done"}' in metrics
+
+
+def test_serve_names_a_spool_it_cannot_create(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = cli("serve", "--spool", str(blocker / "spool"), "--port", str(free_port()), "--workers", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"spool {blocker / 'spool'} cannot be created or opened" in result.stderr
+    assert "choose another spool" in result.stderr
