@@ -31,7 +31,7 @@ from cxr_sr_node.metrics import Metrics, start_http
 from cxr_sr_node.scp import SeriesTracker, StorageSCP
 from cxr_sr_node.send import SendError, send_files
 from cxr_sr_node.spool import Job, Spool
-from cxr_sr_node.worker import worker_main
+from cxr_sr_node.worker import holding, worker_main
 
 log = get_logger("cxr_sr_node.node")
 
@@ -239,8 +239,6 @@ class Node:
     def check_workers(self) -> list[int]:
         """Replace workers that died; the job one was processing is released to be taken at once
         (not after its lease, 15 min by default). Returns the indexes replaced."""
-        from cxr_sr_node.worker import holding
-
         dead = [i for i, p in enumerate(self._workers) if not p.is_alive()]
         if not dead:
             return []

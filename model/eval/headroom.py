@@ -90,34 +90,32 @@ def headroom(
     models = _checkpoint_methods(tuple(checkpoints))
     bins = len(TEXTURE_EDGES) + 1
     scores: dict[str, list[tuple[float, float]]] = {}
-    ssim_sums: dict[str, np.ndarray] = {}  # per image: sum of local SSIM per texture bin
-    counts = np.zeros(bins)
-    per_image_counts: list[np.ndarray] = []
+    ssim_sums: dict[str, list[np.ndarray]] = {}  # per image: sum of local SSIM per texture bin
+    pixels: list[np.ndarray] = []  # per image: pixels per texture bin
     for index, path in enumerate(files):
         img, levels = read_gray(path)
         hr = crop_to_scale(check_scorable(path, img), SCALE)
         lr = deg(hr, np.random.default_rng(seed + index))
         texture = np.digitize(local_std(hr) * 255.0, TEXTURE_EDGES).ravel()
-        n = np.bincount(texture, minlength=bins).astype(np.float64)
-        counts += n
-        per_image_counts.append(n)
+        pixels.append(np.bincount(texture, minlength=bins).astype(np.float64))
         outputs = oracles(hr, lr)
         outputs.update({name: up(lr) for name, up in models.items()})
         for name, img in outputs.items():
             img = quantize(img, levels)
             local = ssim_map(img, hr).ravel()
-            sums = np.bincount(texture, weights=local, minlength=bins)
-            ssim_sums.setdefault(name, np.zeros((0, bins)))
-            ssim_sums[name] = np.vstack([ssim_sums[name], sums])
+            ssim_sums.setdefault(name, []).append(np.bincount(texture, weights=local, minlength=bins))
             scores.setdefault(name, []).append((psnr(img, hr), float(local.mean())))
     means = {name: np.mean(v, axis=0) for name, v in scores.items()}
     base = means[BICUBIC]
-    sizes = np.array([c.sum() for c in per_image_counts])
+    per_image = np.array(pixels)  # (images, bins)
+    counts = per_image.sum(axis=0)
+    sums = {name: np.array(s) for name, s in ssim_sums.items()}
     # an image's SSIM is its mean local SSIM, and the reported SSIM the mean over images, so bin
     # b's share of it is sum over images of (bin b's local SSIM sum / that image's pixel count) / N
-    shares = {name: (s / sizes[:, None]).sum(axis=0) / len(files) for name, s in ssim_sums.items()}
+    sizes = per_image.sum(axis=1, keepdims=True)
+    shares = {name: (s / sizes).sum(axis=0) / len(files) for name, s in sums.items()}
     with np.errstate(invalid="ignore", divide="ignore"):  # an empty bin; inf - inf of exact images
-        bin_ssim = {name: s.sum(axis=0) / counts for name, s in ssim_sums.items()}
+        bin_ssim = {name: s.sum(axis=0) / counts for name, s in sums.items()}
         return finite_or_none({
             "degradation": degradation,
             "split": split_name,
@@ -137,10 +135,10 @@ def headroom(
                 "pixel_share": [round(float(c / counts.sum()), 4) for c in counts],
                 "methods": {
                     name: {
-                        "ssim": [None if not np.isfinite(v) else round(float(v), 4) for v in bin_ssim[name]],
+                        "ssim": [round(float(v), 4) for v in bin_ssim[name]],  # NaN (empty bin): null
                         "delta_ssim_share": [round(float(v), 5) for v in shares[name] - shares[BICUBIC]],
                     }
-                    for name in ssim_sums
+                    for name in sums
                 },
             },
         })
