@@ -7,6 +7,7 @@ that ``cxr_sr_node`` imports.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,11 @@ def train_cmd(config: Path, sets: tuple[str, ...], max_minutes: float | None, th
         result = trainer.run(max_minutes=max_minutes)
     except ResumeError as exc:  # the state.pt in out_dir does not fit this config
         raise click.ClickException(str(exc)) from None
+    if trainer.stopped_by is not None and result.suffix == ".pt":  # Ctrl-C / SIGTERM: state saved, but `train && eval` must not go on
+        name = signal.Signals(trainer.stopped_by).name
+        click.echo(f"interrupted ({name}) at iteration {trainer.iteration}; state saved: run the same command "
+                   f"again to resume from {result}", err=True)
+        sys.exit(128 + trainer.stopped_by)
     if result.suffix == ".pt":
         click.echo(f"stopped before the end; run the same command again to resume from {result}")
     else:
@@ -271,15 +277,23 @@ def bench_cmd(
 @click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/cxr-features/log.jsonl"),
               show_default=True, help="JSONL loss log.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file (by default the shipped one).")
 def train_features_cmd(
     out: Path | None, data: Path, iterations: int | None, minutes: float | None, crop: int, batch_size: int,
-    threads: int, seed: int, log: Path, no_progress: bool,
+    threads: int, seed: int, log: Path, no_progress: bool, force: bool,
 ) -> None:
     """Train the chest X-ray feature network for the perceptual loss (perceptual = "cxr_features")."""
     import torch
 
     from model.train.features import FeatureTrainConfig, train_features
+    from model.train.nets import CXR_FEATURES_PATH
 
+    target = out or CXR_FEATURES_PATH
+    if target.exists() and not force:  # before minutes of training, not after: the default is the shipped file
+        raise click.ClickException(
+            f"{target} exists{' (the shipped feature network)' if out is None else ''}: pass --out NEW_FILE, "
+            "or --force to replace it"
+        )
     torch.set_num_threads(threads)
     if iterations is None and minutes is None:
         minutes = FeatureTrainConfig.minutes

@@ -97,6 +97,8 @@ def test_a_crop_that_is_not_a_multiple_of_8_is_refused(tmp_path):
             "1",
             "--crop",
             "36",
+            "--out",
+            str(tmp_path / "feats.safetensors"),
             "--no-progress",
         ],
     )
@@ -149,3 +151,26 @@ def test_random_vgg19_conv5_4_features_neither_vanish_nor_explode():
     feats = build_perceptual("random_vgg19", "conv5_4", seed=0)(chest_crop(64))
     assert feats.shape == (1, 512, 4, 4) and torch.isfinite(feats).all()
     assert 1e-2 < feats.std().item() < 10.0
+
+
+@needs_data
+def test_an_existing_out_file_is_kept_unless_forced(tiny_data, tmp_path):
+    """The default --out is the shipped feature network: a retrain must not silently replace it."""
+    out = tmp_path / "feats.safetensors"
+    out.write_bytes(b"keep me")
+    args = ["train-features", "--data", str(tiny_data), "--iterations", "1", "--crop", "32", "--batch-size", "2",
+            "--out", str(out), "--log", str(tmp_path / "log.jsonl"), "--no-progress"]
+    refused = CliRunner().invoke(model_group, args)
+    assert refused.exit_code == 1 and f"{out} exists" in refused.output and "--force" in refused.output
+    assert out.read_bytes() == b"keep me" and not (tmp_path / "log.jsonl").exists()
+    forced = CliRunner().invoke(model_group, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    vgg_layers(CXR_FEATURES_CFG, 1).load_state_dict(load_file(str(out)), strict=True)
+
+
+def test_the_default_out_is_the_shipped_file_and_is_not_replaced(tmp_path):
+    before = CXR_FEATURES_PATH.read_bytes()
+    result = CliRunner().invoke(model_group, ["train-features", "--data", str(tmp_path), "--iterations", "1",
+                                              "--no-progress", "--log", str(tmp_path / "log.jsonl")])
+    assert result.exit_code == 1 and "shipped feature network" in result.output
+    assert CXR_FEATURES_PATH.read_bytes() == before

@@ -130,3 +130,14 @@ def test_bench_on_cuda_adds_half_precision_rows(tiny):
     precisions = [r["precision"] for r in data["rows"] if r["method"] == "tiny"]
     assert precisions[0] == "fp32" and "fp16" in precisions
     assert data["memory"] == "cuda_max_memory_allocated"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_bench_peak_memory_of_a_size_measured_after_a_larger_one_is_not_zero():
+    """glibc keeps freed pages for reuse: without giving them back, 64² after 256² read 0.0 MiB."""
+    cpu = Path(__file__).resolve().parents[1] / "model" / "weights" / "cxr-sr-cpu.safetensors"
+    out = invoke("bench", "--checkpoint", str(cpu), "--sizes", "256,64", "--repeats", "1", "--device", "cpu",
+                 "--threads", "1", "--json")
+    assert out.exit_code == 0, out.output
+    peak = {r["lr_px"]: r["peak_mem_mib"] for r in json.loads(out.stdout)["rows"] if r["method"] != "bicubic"}
+    assert peak[256] > 100 and peak[64] > 5, peak  # alone, 64² → 256² measured ~22 MiB

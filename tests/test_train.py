@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -466,3 +468,27 @@ def test_training_without_validation_images_is_refused_before_it_starts(data_roo
     result = CliRunner().invoke(model_group, ["train", str(path)])
     assert result.exit_code == 1 and "broken.png: cannot be read as an image" in result.output
     assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_train_saves_its_state_and_exits_non_zero(data_root, tmp_path, sig):
+    """Ctrl-C (or systemd's SIGTERM) keeps the state but must not let `train && eval` go on."""
+    out = tmp_path / "out"
+    path = write_config(tmp_path / "sig.toml", data_root, out, psnr={"iterations": 100000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model.cli", "train", str(path), "--threads", "1", "--no-progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "log.jsonl").exists() or len(loss_lines(read_log(out))) < 2:  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"interrupted ({sig.name})" in err and "resume" in err
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
+    assert 2 <= state["iteration"] < 100000

@@ -193,6 +193,7 @@ class Trainer:
         self.best_psnr = -math.inf
         self.elapsed_s = 0.0
         self._stop = False
+        self.stopped_by: int | None = None  # the signal that stopped run(), if one did
 
     def _adam(self, module: torch.nn.Module, lr: float) -> torch.optim.Adam:
         # fused on CUDA: the whole update in a few kernels (ESRGAN's betas)
@@ -448,6 +449,7 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True
+        self.stopped_by = signum
 
 
 def train(config: TrainConfig, *, max_minutes: float | None = None, progress: bool = True) -> Path:
