@@ -39,7 +39,6 @@ import datetime
 import io
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -139,7 +138,13 @@ PATIENT_STUDY_KEYWORDS = (
 )
 SERIES_IMAGE_KEYWORDS = (
     "BodyPartExamined", "Laterality", "PixelSpacingCalibrationType", "PixelSpacingCalibrationDescription",
+    # what hanging protocols and comparison with priors match on (PA/AP/LAT, when it was taken)
+    "ViewPosition", "ImageLaterality", "PatientPosition", "AcquisitionDate", "AcquisitionTime",
+    "AcquisitionDateTime",
 )
+# every spacing the source may carry (Image Plane / DX Detector / CR Image / SC Image modules): divided
+# by the true scale, so measurements on the derived image stay in mm
+SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 ACQUISITION_EQUIPMENT_KEYWORDS = (
     "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
     "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions", "DeviceUID",
@@ -182,7 +187,7 @@ class NodeInfo:
     device_uid: str
     node_version: str = __version__
     manufacturer: str = "cxr-sr-node"
-    model_name: str = "cxr-sr-node CSAEGAN x4"
+    model_name: str = "cxr-sr-node super-resolution x4"  # the network that ran: SoftwareVersions, DerivationDescription
     station_name: str = ""
     institution_name: str = ""
 
@@ -273,9 +278,14 @@ def derive(
 
 def write_dataset(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     """Write ``ds`` atomically: a temporary file in the same folder (written with validation set to
-    raise), fsynced, renamed into place, and the folder fsynced. Returns the final path."""
+    raise), fsynced, renamed into place, and the folder fsynced. Returns the final path.
+
+    The file is created under the process's umask (like any file a program writes; not mkstemp's
+    0600), so an import agent or PACS running as another user can read a batch's output.
+    """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle, strict_writing():
             ds.save_as(handle, enforce_file_format=True)
@@ -311,9 +321,10 @@ def _check_source(source: Dataset) -> None:
 def _to_unit(source: Dataset) -> tuple[np.ndarray, pixels.PixelMapping]:
     """pixels.to_unit, with decoder errors and out-of-range values as DeriveError.
 
-    The output stores modality values unsigned in [0, 2**BitsStored - 1] (see pixels); a source
-    whose robust range lies outside that (signed data, a Rescale Intercept below zero) would be
-    clipped, so it is refused rather than silently changed.
+    The output stores modality values unsigned in [0, 2**BitsStored - 1], BitsStored widened up
+    to 16 where the values need it (see pixels); a source whose robust range lies outside that
+    (signed data, a Rescale Intercept below zero, values above 65535) would be clipped, so it is
+    refused rather than silently changed.
     """
     try:
         unit, mapping = pixels.to_unit(source)
@@ -324,6 +335,7 @@ def _to_unit(source: Dataset) -> tuple[np.ndarray, pixels.PixelMapping]:
             f"modality values (after RescaleSlope/RescaleIntercept or the Modality LUT) span "
             f"[{mapping.low:.6g}, {mapping.high:.6g}], outside 0-{mapping.out_max} of BitsStored "
             f"{mapping.bits_stored}; the unsigned output cannot hold them without clipping"
+            + (" (signed or negative values: convert the image to unsigned values first)" if mapping.low < 0 else "")
         )
     return unit, mapping
 
@@ -434,14 +446,30 @@ def _set_pixel_description(
     out.HighBit = mapping.bits_stored - 1
     out.PixelRepresentation = 0
     out.BurnedInAnnotation = "YES" if _text(source, "BurnedInAnnotation") == "YES" else "NO"
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = _as_list(source.get(keyword, None))
-        if len(spacing) == 2:
-            setattr(out, keyword, [_ds(float(spacing[0]) / row_ratio), _ds(float(spacing[1]) / col_ratio)])
+    for keyword in SPACING_KEYWORDS:
+        spacing = _spacing(source, keyword)
+        if spacing:
+            setattr(out, keyword, [_ds(spacing[0] / row_ratio), _ds(spacing[1] / col_ratio)])
     for keyword, value in pixels.voi_for_output(source, mapping).items():
         setattr(out, keyword, value)
     for keyword, value in _lossy_compression(source).items():
         setattr(out, keyword, value)
+
+
+def _spacing(source: Dataset, keyword: str) -> tuple[float, float] | None:
+    """The source's row/column spacing under ``keyword``, or None when absent or not a real spacing.
+
+    A zero, negative or non-numeric value (``0.000\\0.000`` is seen in real CR files) is not carried:
+    scaled, it would still claim a calibration, and viewers would measure nonsense.
+    """
+    values = _as_list(source.get(keyword, None))
+    if len(values) != 2:
+        return None
+    try:
+        row, col = float(values[0]), float(values[1])
+    except (TypeError, ValueError):
+        return None
+    return (row, col) if min(row, col) > 0 and np.isfinite(row) and np.isfinite(col) else None
 
 
 def _acquisition_equipment(source: Dataset) -> Dataset:

@@ -51,7 +51,8 @@ FLAT_IMAGE_SPAN = 1.0  # modality units used when the robust range has zero widt
 MAX_BITS_STORED = 16  # the output is a 16-bit container
 RESAMPLE_FILTER = Image.Resampling.LANCZOS
 RESAMPLE_FILTER_NAME = "Lanczos"
-ROBUST_WINDOW_EXPLANATION = "ROBUST 0.5-99.5 PCT"
+SOURCE_WINDOW_EXPLANATION = "SOURCE MIN-MAX"  # the window of a source that has none (see voi_for_output)
+ROBUST_WINDOW_EXPLANATION = "ROBUST 0.5-99.5 PCT"  # the same, for a mapping that does not know the extremes
 
 # VOI LUT Function values (PS3.3 C.11.2.1.3) and how each mirrors (see voi_for_output).
 VOI_LINEAR = "LINEAR"
@@ -65,13 +66,20 @@ class PixelMapping:
 
     ``low``/``high`` are the robust range in modality-value units (after Rescale Slope/Intercept
     or the Modality LUT Sequence); ``invert`` is True for MONOCHROME1 sources; ``bits_stored`` is
-    the source's BitsStored, which the output keeps.
+    the output's BitsStored: the source's, widened (up to 16) when its modality values go beyond
+    what the source's BitsStored can hold (a Rescale Intercept or a Modality LUT with a wider output)
+    so that they are not clipped; ``source_bits_stored`` is the source's when it differs.
+    ``vmin``/``vmax`` are the source's extreme modality values (the display window of a source
+    without one), when known.
     """
 
     low: float
     high: float
     invert: bool
     bits_stored: int
+    source_bits_stored: int | None = None
+    vmin: float | None = None
+    vmax: float | None = None
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.low) and np.isfinite(self.high)):
@@ -98,12 +106,26 @@ class PixelMapping:
         polarity = "MONOCHROME1 inverted for the model, output flipped to MONOCHROME2" if self.invert else (
             "MONOCHROME2"
         )
+        widened = (
+            f", widened from the source's {self.source_bits_stored} to hold its modality values"
+            if self.source_bits_stored and self.source_bits_stored != self.bits_stored else ""
+        )
         return (
             f"modality values [{self.low:.6g}, {self.high:.6g}] "
             f"({ROBUST_LOW_PERCENTILE}-{ROBUST_HIGH_PERCENTILE} percentile) mapped linearly to [0, 1], "
             "values beyond it added back after SR (bilinear); "
-            f"{polarity}; BitsStored {self.bits_stored} (0-{self.out_max})"
+            f"{polarity}; BitsStored {self.bits_stored} (0-{self.out_max}{widened})"
         )
+
+
+def output_bits_stored(source_bits: int, vmax: float) -> int:
+    """BitsStored of the output: the source's, or more (at most 16) if ``vmax`` needs more bits.
+
+    The output stores modality values; a Rescale Intercept (12-bit data + 500) or a Modality LUT
+    whose output is wider than BitsStored gives values the source's BitsStored cannot hold.
+    """
+    needed = max(1, int(np.rint(max(vmax, 0.0))).bit_length())
+    return min(MAX_BITS_STORED, max(source_bits, needed))
 
 
 def transfer_syntax_of(ds: Dataset) -> UID | None:
@@ -155,11 +177,16 @@ def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
     low, high = (float(p) for p in np.percentile(values, [ROBUST_LOW_PERCENTILE, ROBUST_HIGH_PERCENTILE]))
     if high - low <= 0:
         high = low + FLAT_IMAGE_SPAN
+    vmin, vmax = float(values.min()), float(values.max())
+    source_bits = int(ds.BitsStored)
     mapping = PixelMapping(
         low=low,
         high=high,
         invert=_photometric(ds) == "MONOCHROME1",
-        bits_stored=int(ds.BitsStored),
+        bits_stored=output_bits_stored(source_bits, vmax),
+        source_bits_stored=source_bits,
+        vmin=vmin,
+        vmax=vmax,
     )
     unit = (values - low) / mapping.span  # not clipped: values beyond the robust range survive
     if mapping.invert:
@@ -243,9 +270,12 @@ def voi_for_output(ds: Dataset, mapping: PixelMapping) -> dict[str, Any]:
 
     MONOCHROME2 sources keep windows and LUTs as they are. All windows of a multi-valued window
     are mirrored (Window Center/Width pairs; explanations carried). When the source has neither
-    windows nor a VOI LUT, one LINEAR window is computed from the robust range ``[a, b]`` of the
-    output values (``[low, high]``, or ``[out_max - high, out_max - low]`` for MONOCHROME1):
-    ``c = (a + b + 1) / 2``, ``w = b - a + 1``, which maps exactly ``a`` to black and ``b`` to white.
+    windows nor a VOI LUT, viewers show it from its minimum to its maximum; the output gets the
+    LINEAR window that does exactly that for the source's extremes ``[a, b]`` in output values
+    (``[vmin, vmax]``, or ``[out_max - vmax, out_max - vmin]`` for MONOCHROME1): ``c = (a + b + 1)
+    / 2``, ``w = b - a + 1``, mapping ``a`` to black and ``b`` to white. The output shows the source's
+    picture even where SR overshoots the extremes, and in viewers that would show an image
+    without VOI over its whole BitsStored range. (A mapping without the extremes uses the robust range.)
     """
     out: dict[str, Any] = {}
     out.update(_windows_for_output(ds, mapping))
@@ -253,7 +283,7 @@ def voi_for_output(ds: Dataset, mapping: PixelMapping) -> dict[str, Any]:
     if luts:
         out["VOILUTSequence"] = luts
     if not out:
-        out.update(_robust_window(mapping))
+        out.update(_source_window(mapping))
     return out
 
 
@@ -337,12 +367,17 @@ def _voi_luts_for_output(ds: Dataset, mapping: PixelMapping) -> list[Dataset]:
     return luts
 
 
-def _robust_window(mapping: PixelMapping) -> dict[str, Any]:
+def _source_window(mapping: PixelMapping) -> dict[str, Any]:
+    explanation = ROBUST_WINDOW_EXPLANATION
     a, b = mapping.low, mapping.high
+    if mapping.vmin is not None and mapping.vmax is not None:
+        lo, hi = (float(np.clip(np.rint(v), 0, mapping.out_max)) for v in (mapping.vmin, mapping.vmax))
+        if hi > lo:  # a flat image keeps the robust range's (FLAT_IMAGE_SPAN wide) window
+            a, b, explanation = lo, hi, SOURCE_WINDOW_EXPLANATION
     if mapping.invert:
         a, b = mapping.out_max - b, mapping.out_max - a
     return {
         "WindowCenter": [_ds((a + b + 1) / 2)],
         "WindowWidth": [_ds(b - a + 1)],
-        "WindowCenterWidthExplanation": [ROBUST_WINDOW_EXPLANATION],
+        "WindowCenterWidthExplanation": [explanation],
     }

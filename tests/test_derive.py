@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
-from pydicom.pixels import apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import JPEG2000, ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from cxr_sr_node import __version__
@@ -142,6 +143,44 @@ def test_spacing_is_divided_by_exactly_4_without_resampling():
     assert [float(v) for v in out.PixelSpacing] == [0.05, 0.04375]
     assert "ImagerPixelSpacing" not in out
     assert "resampled" not in out.DerivationDescription
+
+
+def test_every_spacing_is_scaled_and_a_zero_spacing_is_not_carried():
+    source = chest(SMALL)
+    source.NominalScannedPixelSpacing = [0.17, 0.17]  # digitised film / SC sources carry only this one
+    source.ImagerPixelSpacing = [0.0, 0.0]  # seen in a real CR file: no calibration at all
+    out = derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    assert [float(v) for v in out.NominalScannedPixelSpacing] == [0.0425, 0.0425]
+    assert "ImagerPixelSpacing" not in out and "PixelSpacing" not in out
+
+
+def test_view_position_laterality_and_acquisition_time_are_carried():
+    """What hanging protocols and comparison with priors match on."""
+    source = chest(SMALL)
+    source.ViewPosition, source.ImageLaterality, source.PatientPosition = "PA", "U", "FFS"
+    source.AcquisitionDate, source.AcquisitionTime = "20240102", "101112"
+    out = derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    assert (out.ViewPosition, out.ImageLaterality, out.PatientPosition) == ("PA", "U", "FFS")
+    assert (out.AcquisitionDate, out.AcquisitionTime) == ("20240102", "101112")
+
+
+def test_values_beyond_bits_stored_widen_the_output_instead_of_being_clipped():
+    """12-bit stored values + Rescale Intercept 500 reach 4595: the output's BitsStored grows to 13."""
+    source = chest(SMALL)  # 10-bit MONOCHROME1
+    stored = decode(source).astype(np.int64) * 4  # now a 12-bit range, 0..4092
+    source.PixelData, source.BitsStored, source.HighBit = stored.astype(np.uint16).tobytes(), 12, 11
+    source.RescaleSlope, source.RescaleIntercept = 1, 500
+    del source.WindowCenter, source.WindowWidth  # its window was for the 10-bit values
+    out = derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    assert (out.BitsStored, out.HighBit) == (13, 12)
+    assert "widened from the source's 12" in out.DerivationDescription
+    values = out.pixel_array.astype(np.int64)  # MONOCHROME2: 8191 - modality value
+    assert values.max() <= 8191 and 8191 - values.min() >= stored.max() + 500 - 2  # the brightest survive
+    # the source's display is unchanged: correlation of what a viewer shows
+    shrunk = Image.fromarray(_display(out, out.pixel_array).astype(np.float32)).resize(
+        (source.Columns, source.Rows), Image.Resampling.BOX)
+    source_shown = _display(source, apply_modality_lut(decode(source), source))
+    assert np.corrcoef(source_shown.ravel(), np.asarray(shrunk).ravel())[0, 1] > 0.97
 
 
 def _display(ds: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
@@ -440,3 +479,16 @@ def test_model_and_node_info_are_valid_once_constructed():
         ModelInfo(name="m", version="1", sha256="0" * 64, scale=2)
     with pytest.raises(ValueError, match="device_uid"):
         NodeInfo(device_uid="not a uid")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """A batch's output must be readable by the import agent or PACS user when the umask says so."""
+    ds = derive(chest(SMALL), bicubic_upscale, model=MODEL, node=NODE)
+    old = os.umask(umask)
+    try:
+        path = write_dataset(ds, tmp_path / "out.dcm")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["out.dcm"]  # no temporary file left

@@ -203,6 +203,41 @@ def test_without_windows_the_robust_range_fills_the_display():
     assert 0 < shown[2] < 1023
 
 
+@pytest.mark.parametrize("name", ["test1.dcm", "CR-MONO1-10-chest.dcm"])
+def test_without_windows_the_output_shows_the_source_from_its_minimum_to_its_maximum(name):
+    """A viewer shows a source without VOI from its minimum to its maximum; the output's window
+    reproduces exactly that picture (and not a contrast-stretched one)."""
+    source = chest(name)
+    for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTSequence"):
+        if keyword in source:
+            delattr(source, keyword)
+    values = _modality_values(source)
+    unit, mapping = to_unit(source)
+    out = from_unit(unit, mapping)
+    out_ds = _output_dataset(source, mapping)
+    assert out_ds.WindowCenterWidthExplanation == "SOURCE MIN-MAX"
+    expected = (values - values.min()) / np.ptp(values)  # min-max display, bone bright
+    if mapping.invert:
+        expected = 1.0 - expected
+    shown = apply_voi_lut(out, out_ds).astype(np.float64) / mapping.out_max
+    assert np.abs(shown - expected).max() <= 1.5 / np.ptp(values)
+    assert (shown == 0).mean() < 0.01 and (shown == 1).mean() < 0.01  # nothing stretched into clipping
+
+
+def test_a_modality_lut_wider_than_bits_stored_widens_the_output():
+    source = other("CR-ModalitySequenceLUT.dcm")  # 10-bit stored
+    item = source.ModalityLUTSequence[0]  # 1024 entries of 16 bits, 0-1023 out
+    lut = np.frombuffer(item.LUTData, "<u2")
+    item.LUTData = (lut.astype(np.int64) * 4 + 44).astype("<u2").tobytes()  # now 44-4136 out
+    values = _modality_values(source)
+    assert values.max() > 1023
+    unit, mapping = to_unit(source)
+    assert mapping.bits_stored == 13 and mapping.source_bits_stored == 10  # 4136 needs 13 bits
+    back = from_unit(unit, mapping).astype(np.int64)
+    modality = (mapping.out_max - back) if mapping.invert else back
+    assert np.abs(modality - values).max() <= 1  # exact round trip, nothing clipped
+
+
 @pytest.mark.parametrize("name", ["CR-MONO1-10-chest.dcm", "RG1_J2KI.dcm"])
 def test_monochrome1_output_displays_like_the_source(name):
     source = chest(name)
