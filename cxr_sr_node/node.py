@@ -14,6 +14,7 @@ and jobs whose worker's lease expired.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import multiprocessing as mp
 import os
@@ -51,10 +52,38 @@ def destination(config: NodeConfig, calling_ae: str) -> Peer | None:
     return config.dest
 
 
+def routing_of(config: NodeConfig) -> dict[str, Any]:
+    """The settings that decide where and as whom a job is sent (``Spool.write_routing``)."""
+    return {
+        "ae_title": config.ae_title,
+        "dest": str(config.dest) if config.dest else None,
+        "return_to_sender": config.return_to_sender,
+        "peers": {ae: str(peer) for ae, peer in sorted(config.peers.items())},
+    }
+
+
+def routed(spool: Spool, config: NodeConfig) -> NodeConfig:
+    """``config`` with the routing of the node that runs on ``spool`` (the node is the authority:
+    a queue worker started without ``dest``, or with an old one, still sends where the node would)."""
+    routing = spool.read_routing()
+    if routing is None or routing == routing_of(config):
+        return config
+    where = f"{spool.root / Spool.ROUTING_FILE}"
+    return dataclasses.replace(
+        config,
+        ae_title=routing["ae_title"],
+        dest=Peer.parse(routing["dest"], key=f"dest (from {where})") if routing["dest"] else None,
+        return_to_sender=bool(routing["return_to_sender"]),
+        peers={ae: Peer.parse(text, key=f"peers.{ae} (from {where})") for ae, text in routing["peers"].items()},
+    )
+
+
 def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
     """One send attempt for a job claimed for the send stage (by the embedded sender or a Celery
-    ``send`` task). Returns the outcome: ``ok``, ``skipped`` (no destination; output kept in done/),
-    ``retry`` (back to outgoing after a backoff) or ``failed`` (dead-lettered with the reason)."""
+    ``send`` task), routed as the spool's node routes (:func:`routed`). Returns the outcome: ``ok``,
+    ``skipped`` (no destination; output kept in done/), ``retry`` (back to outgoing after a
+    backoff) or ``failed`` (dead-lettered with the reason)."""
+    config = routed(spool, config)
     files = sorted((spool.job_dir(job.job_id, "sending") / "out").glob("*.dcm"))
     peer = destination(config, job.calling_ae)
     if peer is None:
@@ -119,6 +148,7 @@ class Node:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_for_workers_s: float = 300.0) -> None:
         self._lock_fd = self.spool.lock_for_node()  # before anything touches jobs or leases
+        self.spool.write_routing(routing_of(self.config))  # what queue workers send by
         fixed = self.spool.recover()
         if self.queue is None:  # embedded: no lease can belong to a live process now
             fixed["leases_expired"] = self.spool.expire_leases()

@@ -149,6 +149,22 @@ class Spool:
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
 
+    # --- routing: where the node sends (read by queue workers, DESIGN §7) -------------------------
+
+    ROUTING_FILE = "routing.json"
+
+    def write_routing(self, routing: dict[str, Any]) -> None:
+        """The node's sending settings, written at every start: a worker on another machine sends
+        each job where the node that received it would have (its own dest may be missing or stale)."""
+        write_atomic(self.root / self.ROUTING_FILE, (json.dumps(routing, indent=1, sort_keys=True) + "\n").encode())
+
+    def read_routing(self) -> dict[str, Any] | None:
+        """What :meth:`write_routing` wrote, or None before any node started on this spool."""
+        try:
+            return json.loads((self.root / self.ROUTING_FILE).read_text())
+        except FileNotFoundError:
+            return None
+
     # --- database --------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

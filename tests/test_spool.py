@@ -122,6 +122,29 @@ def test_an_unreadable_output_file_fails_the_send_attempt_by_name(tmp_path):
     assert "PACS@127.0.0.1:9" in reason and "InvalidDicomError" in reason
 
 
+def test_a_worker_without_dest_sends_where_the_node_routes(tmp_path):
+    """The node's routing in the spool wins over a queue worker's own (missing or stale) dest."""
+    from cxr_sr_node.config import load_config
+    from cxr_sr_node.node import routed, routing_of, send_job
+
+    spool = Spool(tmp_path / "spool")
+    node_cfg = load_config(environ={}, flags={"spool": spool.root, "dest": "PACS@127.0.0.1:9", "ae_title": "NODE1",
+                                              "send_retries": 0, "send_backoff_s": 0.0})
+    worker_cfg = load_config(environ={}, flags={"spool": spool.root, "send_retries": 0, "send_backoff_s": 0.0})
+    assert routed(spool, worker_cfg) is worker_cfg  # no node has started on this spool yet
+    spool.write_routing(routing_of(node_cfg))
+    assert (routed(spool, worker_cfg).dest, routed(spool, worker_cfg).ae_title) == (node_cfg.dest, "NODE1")
+    job_id = make_job(spool, tmp_path)
+    spool.claim(stage="process", lease_s=60, max_attempts=3)
+    (spool.root / "jobs" / job_id / "out").mkdir()
+    shutil.copy(CHEST / "test1.dcm", spool.root / "jobs" / job_id / "out" / "x.dcm")
+    spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True)
+    job = spool.claim(stage="send", lease_s=60, max_attempts=1)
+    assert send_job(spool, worker_cfg, job) == "failed"  # not "skipped": it tried the node's PACS (nothing there)
+    reason = json.loads((spool.root / "failed" / job_id / "reason.json").read_text())["reason"]
+    assert "PACS@127.0.0.1:9" in reason
+
+
 def test_send_failures_back_off_then_fail_and_retry_requeues(tmp_path):
     spool = Spool(tmp_path / "spool")
     job_id = make_job(spool, tmp_path)
