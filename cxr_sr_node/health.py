@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ def run_checks(config: NodeConfig, *, load_model: bool = True, echo_dest: bool =
         dest = "none (output kept in spool/done)"
     yield "config", True, f"AE {config.ae_title} port {config.port}, dest {dest}"
     yield _check_spool(config)
+    if config.runner == "celery":
+        yield _check_broker(config)
     if config.tls_cert is not None:
         yield _check_tls(config)
     if load_model:
@@ -30,18 +33,40 @@ def run_checks(config: NodeConfig, *, load_model: bool = True, echo_dest: bool =
 
 
 def _check_spool(config: NodeConfig) -> Check:
+    """Writable, with free space; never created here (a mistyped or unmounted spool must not pass
+    as a healthy empty one)."""
     root = Path(config.spool)
+    existing = root
+    while not existing.exists() and existing != existing.parent:  # where serve would create it
+        existing = existing.parent
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".check-{uuid.uuid4().hex[:8]}"
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        probe = existing / f".check-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        return "spool", False, f"{root} is not writable ({exc}); fix its permissions or choose another --spool"
-    free_mb = shutil.disk_usage(root).free // 2**20
+        return "spool", False, f"{existing} is not writable ({exc}); fix its permissions or choose another --spool"
+    free_mb = shutil.disk_usage(existing).free // 2**20
     if free_mb < config.min_free_disk_mb:
         return "spool", False, f"{free_mb} MiB free at {root}, below min_free_disk_mb={config.min_free_disk_mb}; free space"
-    return "spool", True, f"{root} writable, {free_mb} MiB free"
+    if existing != root:
+        return "spool", True, f"{root} does not exist yet: serve creates it ({existing} writable, {free_mb} MiB free)"
+    used = "" if (root / "jobs.sqlite").is_file() else " (no node has used it yet: no jobs.sqlite)"
+    return "spool", True, f"{root} writable, {free_mb} MiB free{used}"
+
+
+def _check_broker(config: NodeConfig) -> Check:
+    """runner = "celery": the broker answers and the queues exist (declared, idempotent, as the node does)."""
+    from cxr_sr_node.queue import declare, make_app
+
+    shown = re.sub(r"//[^@/]*@", "//***@", config.broker_url)  # no password on screen
+    try:
+        waiting = declare(make_app(config), timeout_s=5.0)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: kombu/amqp raise many kinds
+        return "broker", False, (f"{shown} cannot be reached ({type(exc).__name__}: {exc}); start RabbitMQ "
+                                 "or fix broker_url (CXRSR_BROKER_URL)")
+    return "broker", True, f"{shown}: messages waiting " + ", ".join(f"{q} {n}" for q, n in waiting.items())
 
 
 def _check_tls(config: NodeConfig) -> Check:

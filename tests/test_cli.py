@@ -132,3 +132,21 @@ def test_serve_names_a_spool_it_cannot_create(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"spool {blocker / 'spool'} cannot be created or opened" in result.stderr
     assert "choose another spool" in result.stderr
+
+
+def test_check_does_not_create_a_missing_spool(tmp_path):
+    """A mistyped or unmounted spool must not pass as a healthy, freshly created one."""
+    typo = tmp_path / "typo" / "spool"
+    result = cli("check", "--no-model", "--no-dest", "--spool", str(typo))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok   spool: {typo} does not exist yet: serve creates it" in result.stdout
+    assert not (tmp_path / "typo").exists()
+
+
+def test_check_in_queue_mode_fails_when_the_broker_is_down(tmp_path):
+    url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}//"
+    result = cli("check", "--no-model", "--no-dest", "--spool", str(tmp_path / "spool"),
+                 env={"CXRSR_RUNNER": "celery", "CXRSR_BROKER_URL": url})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL broker: amqp://***@127.0.0.1" in result.stdout and "start RabbitMQ" in result.stdout
+    assert "s3cret" not in result.stdout + result.stderr

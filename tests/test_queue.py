@@ -375,6 +375,14 @@ def test_runner_and_broker_url_are_validated(environ, flags, message):
     assert "\n" not in str(info.value) and "secret" not in str(info.value)
 
 
+def test_check_in_queue_mode_reports_the_broker_and_its_queues(tmp_path, broker_url):
+    env = {**os.environ, "CXRSR_RUNNER": "celery", "CXRSR_BROKER_URL": broker_url, "CXRSR_MIN_FREE_DISK_MB": "1"}
+    result = subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", "check", "--no-model", "--no-dest", "--spool",
+                             str(tmp_path / "spool")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok   broker: amqp://***@127.0.0.1" in result.stdout and "messages waiting gpu 0, send 0, dead 0" in result.stdout
+
+
 def test_runner_defaults_and_sources(tmp_path):
     assert (load_config(environ={}).runner, load_config(environ={}).broker_url) == (
         "embedded", "amqp://guest:guest@127.0.0.1:5672//")
