@@ -117,7 +117,7 @@ def worker(config_file: Path | None, queues: str, **flags: Any) -> None:
         raise click.ClickException(f"the worker needs Celery ({exc}): pip install 'cxr-sr-node[queue]'") from None
     try:
         sys.exit(run_worker(cfg, names))
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:  # broker, CUDA, a bad checkpoint: one line
         raise click.ClickException(str(exc)) from None
 
 
@@ -133,11 +133,14 @@ def batch(in_dir: Path, out_dir: Path, recursive: bool, config_file: Path | None
     """Derive every eligible DICOM file of IN_DIR into OUT_DIR/<study>/<series>/<sop>.dcm."""
     cfg = _config(config_file, **flags)
     configure_logging("warning" if cfg.log_level == "info" else cfg.log_level, json=cfg.log_json)
-    from cxr_sr_node.batch import print_summary, run_batch
+    from cxr_sr_node.batch import BatchError, print_summary, run_batch
 
-    summary = run_batch(in_dir, out_dir, cfg, recursive=recursive, progress=not no_progress)
+    try:
+        summary = run_batch(in_dir, out_dir, cfg, recursive=recursive, progress=not no_progress)
+    except BatchError as exc:
+        raise click.ClickException(str(exc)) from None
     print_summary(summary)
-    sys.exit(1 if summary.failed else 0)
+    sys.exit(130 if summary.interrupted else 1 if summary.failed else 0)
 
 
 @main.command()

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -352,11 +353,17 @@ def run_worker(config: NodeConfig, queues: tuple[str, ...]) -> int:
 def _wait_for_broker(app: Any) -> None:
     """Declare the topology (the dead-letter exchange must exist before anything is rejected),
     waiting for the broker as long as it takes, with a log line per try."""
+    from amqp.exceptions import AccessRefused, NotAllowed
+
     attempt = 0
     while True:
         try:
             declare(app)
             return
+        except (AccessRefused, NotAllowed) as exc:  # wrong user/password or vhost: waiting will not fix it
+            shown = re.sub(r"//[^@/]*@", "//***@", app.conf.broker_url)
+            raise RuntimeError(f"broker {shown} refused this worker ({type(exc).__name__}: {exc}); fix the user, "
+                               "password or vhost in broker_url (CXRSR_BROKER_URL)") from None
         except Exception as exc:  # noqa: BLE001 - broker not up yet: wait and try again
             attempt += 1
             log.warning("queue.unavailable", attempt=attempt, reason=f"{type(exc).__name__}: {exc}")

@@ -383,6 +383,22 @@ def test_check_in_queue_mode_reports_the_broker_and_its_queues(tmp_path, broker_
     assert "ok   broker: amqp://***@127.0.0.1" in result.stdout and "messages waiting gpu 0, send 0, dead 0" in result.stdout
 
 
+@pytest.mark.parametrize("change", ["user", "vhost"])
+def test_a_worker_the_broker_refuses_exits_with_one_line(tmp_path, broker_url, change):
+    """Wrong credentials or vhost are configuration errors: not an endless 'queue.unavailable' loop."""
+    url = (broker_url.replace("guest:guest@", "bad:s3cret@") if change == "user"
+           else broker_url.rsplit("/", 1)[0] + "/no-such-vhost")
+    from cxr_sr_node.spool import Spool
+
+    Spool(tmp_path / "spool")
+    result = subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", "worker", "--queues", "send", "--spool",
+                             str(tmp_path / "spool"), "--broker-url", url], capture_output=True, text=True,
+                            env={**os.environ, "CXRSR_LOG_JSON": "true"}, cwd=ROOT, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: broker amqp://***@127.0.0.1")
+    assert "refused this worker" in result.stderr and "s3cret" not in result.stdout + result.stderr
+
+
 def test_runner_defaults_and_sources(tmp_path):
     assert (load_config(environ={}).runner, load_config(environ={}).broker_url) == (
         "embedded", "amqp://guest:guest@127.0.0.1:5672//")
