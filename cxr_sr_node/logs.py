@@ -51,6 +51,9 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream=N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    # Python warnings (Celery's SecurityWarning when run as root, deprecations) as log lines, not
+    # multi-line text in the middle of a JSON log
+    logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO/DEBUG; keep it at WARNING unless debugging.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 

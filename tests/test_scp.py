@@ -380,3 +380,24 @@ def test_series_tracker_completes_after_release_and_idle():
     time.sleep(0.05)
     assert tracker.is_complete(("1.2", "9"), idle_s=100, max_wait_s=0.01, fallback_age_s=0)  # max wait
     assert tracker.is_complete(("1.2", "unknown"), idle_s=5, max_wait_s=60, fallback_age_s=6)  # after restart
+
+
+def test_python_warnings_are_json_log_lines():
+    """Celery run as root warns on stderr in several lines of text; in a JSON log it is one line."""
+    import io
+    import logging
+    import warnings
+
+    from cxr_sr_node.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("You're running the worker with superuser privileges", UserWarning, stacklevel=1)
+    finally:
+        configure_logging("info")
+        logging.getLogger().handlers[0].flush()
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert line["logger"] == "py.warnings" and line["level"] == "warning" and "superuser" in line["event"]
