@@ -204,13 +204,34 @@ def retry(job_ids: tuple[str, ...], all_failed: bool, config_file: Path | None, 
     if not ids:  # --all-failed with nothing failed: nothing to do is not an error (cron)
         click.echo("no failed jobs to re-queue")
         return
-    errors = 0
-    for job_id in ids:
+    publisher = None
+    if cfg.runner == "celery":  # publish now rather than at the node's next reconcile pass (up to a minute)
         try:
-            click.echo(f"{job_id}: re-queued as {spool.retry(job_id)}")
-        except (KeyError, ValueError) as exc:
-            click.echo(f"{job_id}: {exc.args[0]}", err=True)
-            errors += 1
+            from cxr_sr_node.queue import Publisher
+
+            publisher = Publisher(cfg)
+        except ImportError:
+            publisher = None
+    errors = 0
+    try:
+        for job_id in ids:
+            try:
+                state = spool.retry(job_id)
+            except (KeyError, ValueError) as exc:
+                click.echo(f"{job_id}: {exc.args[0]}", err=True)
+                errors += 1
+                continue
+            note = ""
+            if publisher is not None:
+                try:
+                    publisher.publish("send" if state == "outgoing" else "process", job_id)
+                    note = " (published to the queue)"
+                except Exception as exc:  # noqa: BLE001 - the spool is the truth: the node publishes it later
+                    note = f" (not published now: {type(exc).__name__}; the node publishes it within about a minute)"
+            click.echo(f"{job_id}: re-queued as {state}{note}")
+    finally:
+        if publisher is not None:
+            publisher.close()
     sys.exit(1 if errors else 0)
 
 

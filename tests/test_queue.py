@@ -350,12 +350,21 @@ def test_failing_job_is_retried_then_dead_lettered(tmp_path, tiny_checkpoint, br
                 wait_until(lambda: spool.get(job.job_id).state == "failed", 60, "the job to be dead-lettered")
                 wait_until(lambda: probe.declare()[DEAD_QUEUE] == 2, 10, "two messages in the dead-letter queue")
                 failures = worker.events("job.failed")
+            failed = spool.get(job.job_id)
+            assert failed.attempts == 3 and "FileExistsError" in failed.reason
+            assert json.loads((cfg.spool / "failed" / job.job_id / "reason.json").read_text())["reason"] == failed.reason
+            # `retry` publishes at once in queue mode (before, the node's reconcile pass, up to a minute later)
+            retried = subprocess.run(
+                [sys.executable, "-m", "cxr_sr_node.cli", "retry", job.job_id, "--spool", str(cfg.spool)],
+                capture_output=True, text=True, cwd=ROOT, timeout=60,
+                env={**os.environ, "CXRSR_RUNNER": "celery", "CXRSR_BROKER_URL": broker_url})
+            assert retried.returncode == 0, retried.stdout + retried.stderr
+            assert retried.stdout.strip() == f"{job.job_id}: re-queued as ready (published to the queue)"
+            assert probe.declare()["gpu"] == 1
         finally:
             probe.close()
-    failed = spool.get(job.job_id)
-    assert failed.attempts == 3 and "FileExistsError" in failed.reason
     assert [f["state"] for f in failures] == ["ready", "ready", "failed"]
-    assert json.loads((cfg.spool / "failed" / job.job_id / "reason.json").read_text())["reason"] == failed.reason
+    assert spool.get(job.job_id).state == "ready"  # re-queued by `retry`
 
 
 # --- 4. configuration and the spool's claim_job (no broker needed) -------------------------------
