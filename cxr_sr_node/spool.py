@@ -424,6 +424,12 @@ class Spool:
             return None
         return ("running", "attempts", attempt) if stage == "process" else ("sending", "send_attempts", attempt)
 
+    def renew_lease(self, job_id: str, *, stage: str, attempt: int, lease_s: float) -> None:
+        """Extend the lease of a job this worker holds (after each instance of a long series, so a
+        series that takes longer than ``lease_s`` is not taken over while it is being worked on).
+        :class:`LeaseLost` if another worker has it now."""
+        self._set(job_id, fence=self._fence(stage, attempt), lease_until=time.time() + lease_s)
+
     def finish_processing(self, job_id: str, result: dict[str, Any], *, has_output: bool,
                           attempt: int | None = None) -> None:
         """Processing succeeded: ``outgoing`` when there is something to send, else ``done``.

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,15 @@ def derive_file(path: Path, engine: Engine, *, dataset: pydicom.Dataset | None =
     return Outcome("derived", sop_uid, dataset=derived)
 
 
-def process_files(files: list[Path], out_dir: Path, engine: Engine) -> dict[str, Any]:
-    """Derive each file into ``out_dir/<derived SOP UID>.dcm``; outputs already there are kept."""
+def process_files(files: list[Path], out_dir: Path, engine: Engine,
+                  before_each: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Derive each file into ``out_dir/<derived SOP UID>.dcm``; outputs already there are kept.
+    ``before_each`` runs before every file (the worker renews its lease there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     processed, skipped = [], []
     for path in files:
+        if before_each is not None:
+            before_each()
         started = time.perf_counter()
         try:
             header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
@@ -120,10 +125,10 @@ def process_files(files: list[Path], out_dir: Path, engine: Engine) -> dict[str,
     return {"processed": processed, "skipped": skipped}
 
 
-def process_job(job_id: str, spool: Spool, engine: Engine) -> dict[str, Any]:
+def process_job(job_id: str, spool: Spool, engine: Engine, before_each: Callable[[], None] | None = None) -> dict[str, Any]:
     job_dir = spool.job_dir(job_id)
     started = time.perf_counter()
-    result = process_files(sorted((job_dir / "in").glob("*.dcm")), job_dir / "out", engine)
+    result = process_files(sorted((job_dir / "in").glob("*.dcm")), job_dir / "out", engine, before_each)
     result.update(job_id=job_id, model=engine.model.name, model_sha256=engine.model.sha256,
                   elapsed_s=round(time.perf_counter() - started, 3))
     return result
@@ -136,8 +141,13 @@ def run_claimed(job: Job, spool: Spool, engine: Engine, config: NodeConfig) -> t
     the job over meanwhile; nothing was recorded). The embedded worker and the Celery task share it."""
     log.info("job.started", job_id=job.job_id, series_instance_uid=job.series_uid, attempt=job.attempts)
     try:
+        def renew() -> None:  # a long series keeps its lease; a job taken over stops here (LeaseLost)
+            spool.renew_lease(job.job_id, stage="process", attempt=job.attempts, lease_s=config.lease_s)
+
         try:
-            result = process_job(job.job_id, spool, engine)
+            result = process_job(job.job_id, spool, engine, renew)
+        except LeaseLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded on the job; retried, then dead-lettered
             reason = f"{type(exc).__name__}: {exc}"
             state = spool.fail_attempt(job.job_id, stage="process", reason=reason, max_attempts=config.max_attempts,

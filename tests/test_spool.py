@@ -219,3 +219,48 @@ def test_outcome_of_a_taken_over_job_is_not_recorded(tmp_path):
     assert spool.get(job_id).state == "running"
     spool.finish_processing(job_id, {"processed": [{"x": 1}], "skipped": []}, has_output=True, attempt=second.attempts)
     assert spool.get(job_id).state == "outgoing"
+
+
+def test_a_series_longer_than_the_lease_keeps_it_and_a_taken_over_job_stops(tmp_path):
+    """The lease is renewed before each instance: a long series is not taken over (and run twice)
+    while it is being worked on; a worker whose job was taken over stops at its next instance."""
+    from cxr_sr_node.config import load_config
+    from cxr_sr_node.derive import ModelInfo, NodeInfo
+    from cxr_sr_node.spool import LeaseLost
+    from cxr_sr_node.worker import Engine, run_claimed
+    from tests.dicom_helpers import bicubic_upscale
+    from tests.nodes import with_new_uids
+
+    spool = Spool(tmp_path / "spool")
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for i in range(3):
+        receive(spool, tmp_path, with_new_uids(CHEST / "CR-MONO1-10-chest.dcm", tmp_path / f"{i}.dcm",
+                                               study=study, series=series))
+    (incoming,) = spool.incoming_series()
+    job_id = spool.create_job(incoming)
+    lease_s = 3.0  # each instance takes ~1.8 s (1.4 s here + deriving), the series ~5.5 s
+    cfg = load_config(environ={}, flags={"spool": spool.root, "lease_s": lease_s, "max_attempts": 3})
+    rivals = []
+
+    def slow(unit):  # the series outlasts the lease; a rival worker tries to take the job meanwhile
+        time.sleep(1.4)
+        rivals.append(spool.claim(stage="process", lease_s=lease_s, max_attempts=3))
+        return bicubic_upscale(unit)
+
+    engine = Engine(upscale=slow, model=ModelInfo(name="t", version="1", sha256="0" * 64),
+                    node=NodeInfo(device_uid="1.2.3"), max_output_px=8192, require_body_part=False)
+    job = spool.claim(stage="process", lease_s=lease_s, max_attempts=3)
+    state, result = run_claimed(job, spool, engine, cfg)
+    assert state == "processed" and len(result["processed"]) == 3
+    assert rivals == [None, None, None]  # never taken over while its lease was renewed
+    assert spool.get(job_id).attempts == 1
+
+    # a worker that stalls past its lease loses the job to a rival, and learns it at its next renewal
+    other = make_job(spool, tmp_path)
+    held = spool.claim(stage="process", lease_s=0.05, max_attempts=3)
+    assert held.job_id == other
+    time.sleep(0.1)
+    rival = spool.claim(stage="process", lease_s=60, max_attempts=3)
+    assert (rival.job_id, rival.attempts) == (other, 2)
+    with pytest.raises(LeaseLost):
+        spool.renew_lease(other, stage="process", attempt=held.attempts, lease_s=60)
