@@ -68,6 +68,8 @@ from cxr_sr_node.eligibility import SERIES_MARKER
 
 UID_NAMESPACE = uuid.UUID("7902b83a-5afd-5d65-bd0b-4390d866e8d9")  # uuid5(NAMESPACE_URL, "urn:cxr-sr-node:derived-uid")
 UID_KINDS = ("series", "sop")
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(UID_NAMESPACE, 'implementation-class').int}"  # fixed per product
+IMPLEMENTATION_VERSION_NAME = f"CXRSR_{__version__}"[:16]  # SH, 16 characters
 SUPPORTED_SCALE = 4  # the CSAEGAN model's scale, and the "x4" in SERIES_MARKER
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -268,6 +270,8 @@ def derive(
             description = _derivation_description(model, mapping, resample, max_output_px)
             _set_provenance(out, source, model, node, now, description)
             _set_pixel_description(out, source, mapping, row_ratio, col_ratio)
+            out.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # the writer is this node
+            out.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         _check_round_trip(out)
     except DeriveError:
         raise

@@ -414,6 +414,9 @@ def test_written_file_round_trips_with_validation_raising(derived, written, name
         back = pydicom.dcmread(path)
     assert back.SOPInstanceUID == out.SOPInstanceUID
     assert np.array_equal(back.pixel_array, out.pixel_array)
+    # the file says which program wrote it: this node, not the library it builds the object with
+    assert back.file_meta.ImplementationVersionName == f"CXRSR_{NODE.node_version}"[:16]
+    assert back.file_meta.ImplementationClassUID.startswith("2.25.")
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
