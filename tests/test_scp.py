@@ -391,10 +391,11 @@ def test_python_warnings_are_json_log_lines():
     from cxr_sr_node.logs import configure_logging
 
     stream = io.StringIO()
-    configure_logging("info", json=True, stream=stream)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # pytest records each test's warnings: hand them to logging here
             warnings.simplefilter("always")
+            logging.captureWarnings(False)
+            configure_logging("info", json=True, stream=stream)
             warnings.warn("You're running the worker with superuser privileges", UserWarning, stacklevel=1)
     finally:
         configure_logging("info")
