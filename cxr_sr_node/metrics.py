@@ -13,12 +13,15 @@ from cxr_sr_node.spool import STATES, Spool
 
 
 class Metrics:
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, broker_ok: Callable[[], bool | None] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.stores = Counter("cxrsr_store_total", "C-STORE requests answered, by status", ["status"], registry=self.registry)
         self.sends = Counter("cxrsr_send_total", "send attempts, by outcome", ["outcome"], registry=self.registry)
         self.jobs = Gauge("cxrsr_jobs", "jobs in the spool, by state", ["state"], registry=self.registry)
+        self.broker = Gauge("cxrsr_broker_up", "runner = celery: 1 when the last publish or declare reached "
+                            "RabbitMQ, 0 when it failed (jobs then wait in the spool)", registry=self.registry)
         self.spool = spool
+        self.broker_ok = broker_ok
 
     def stored(self, status: int) -> None:
         self.stores.labels(status=f"0x{status:04X}").inc()
@@ -30,6 +33,8 @@ class Metrics:
         counts = self.spool.counts()
         for state in STATES:
             self.jobs.labels(state=state).set(counts.get(state, 0))
+        up = self.broker_ok() if self.broker_ok is not None else None
+        self.broker.set(float("nan") if up is None else float(up))  # NaN: embedded runner, or not tried yet
         return generate_latest(self.registry)
 
 

@@ -125,7 +125,7 @@ class Node:
             ) from None
         self._lock_fd: int | None = None
         self.tracker = SeriesTracker()
-        self.metrics = Metrics(self.spool)
+        self.metrics = Metrics(self.spool, broker_ok=lambda: self._broker_ok)
         self.scp = StorageSCP(config, self.spool, self.tracker, on_store=self.metrics.stored)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -150,6 +150,7 @@ def test_celery_runner_end_to_end(tmp_path, dcmtk, tiny_checkpoint, broker_url):
         assert worker.events("job.finished")[0]["job_id"] == job.job_id
         health_ok, health = node.health()
         assert health_ok and health["runner"] == "celery" and health["broker_ok"] is True
+        assert "cxrsr_broker_up 1.0" in node.metrics.render().decode()
     assert received_uids(storescp) == sorted(expected_outputs([src], tiny_checkpoint))
     out = pydicom.dcmread(storescp.files()[0])
     source = pydicom.dcmread(src)
