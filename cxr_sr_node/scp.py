@@ -39,6 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from cxr_sr_node import eligibility, statuses
 from cxr_sr_node.config import NodeConfig
@@ -77,6 +78,39 @@ def set_nodelay(sock: socket.socket | None) -> None:
 
 def handle_conn_open(event: evt.Event) -> None:
     set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+
+class BoundedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with two waits bounded.
+
+    - The TLS handshake runs in the connection's own thread with a deadline: pynetdicom makes it in
+      the accept loop without one, so a single connection that sends nothing froze every later
+      connection for as long as it stayed open.
+    - Every read has a deadline (``read_timeout_s``, the node's ``network_timeout_s``): accepted
+      sockets are otherwise blocking without a timeout, so a peer that stops halfway through a PDU
+      held its association (one of ``max_associations``) until it disconnected, even after
+      pynetdicom's own network timeout had logged the association as aborted.
+    """
+
+    read_timeout_s: float | None = None
+    handshake_timeout_s: float = 10.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        return self.socket.accept()  # plain accept: the handshake is finish_request's, in its thread
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self.read_timeout_s)
+        if self.ssl_context:
+            request.settimeout(self.handshake_timeout_s)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                log.warning("tls.handshake_failed", address=client_address[0], reason=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(OSError):
+                    request.close()
+                return
+            request.settimeout(self.read_timeout_s)
+        super().finish_request(request, client_address)
 
 
 class SeriesTracker:
@@ -186,10 +220,14 @@ class StorageSCP:
         tempfile.tempdir = str(self.spool.tmp_dir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = self.config.accept_any_sop_class
-        self.server = self.ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers(),
-            ssl_context=self.tls_context(),
+        self.server = self.ae.make_server(
+            (self.config.bind_address, self.config.port), evt_handlers=self.handlers(),
+            ssl_context=self.tls_context(), server_class=BoundedServer,
         )
+        self.server.read_timeout_s = self.config.network_timeout_s
+        self.server.handshake_timeout_s = min(10.0, self.config.network_timeout_s)
+        self.ae._servers.append(self.server)  # as start_server does: the server's shutdown() removes it there
+        threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
         log.info("scp.started", ae_title=self.config.ae_title, port=self.port, bind_address=self.config.bind_address,
                  tls=self.config.tls_cert is not None, client_certificates=self.config.tls_ca is not None)
 

@@ -402,3 +402,21 @@ def test_python_warnings_are_json_log_lines():
         logging.getLogger().handlers[0].flush()
     (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert line["logger"] == "py.warnings" and line["level"] == "warning" and "superuser" in line["event"]
+
+
+def test_peers_that_stall_mid_pdu_give_their_association_slots_back(tmp_path):
+    """Accepted sockets had no read deadline: peers that sent half an A-ASSOCIATE-RQ (or half a
+    P-DATA PDU) held their slots of max_associations until they disconnected."""
+    import socket
+
+    with running_scp(tmp_path, max_associations=2, network_timeout_s=2.0, acse_timeout_s=2.0) as scp:
+        stalled = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(2)]
+        try:
+            for sock in stalled:  # an A-ASSOCIATE-RQ header announcing 200 bytes, then only 14 of them
+                sock.sendall(bytes([0x01, 0x00]) + (200).to_bytes(4, "big") + b"\x00\x01\x00\x00CXRSR     ")
+            time.sleep(4.0)  # past the read deadline
+            result = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="CXRSR")
+        finally:
+            for sock in stalled:
+                sock.close()
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -92,3 +92,18 @@ def test_check_loads_the_tls_files_and_serve_names_them(tmp_path, pki):
     with pytest.raises(StartError, match=r"tls_cert / tls_key / tls_ca .*bad.pem.* cannot be loaded"):
         node.start()
     assert node._lock_fd is None  # stopped again: the spool is free for the next start
+
+
+def test_a_silent_connection_does_not_block_tls_handshakes(tmp_path, pki):
+    """pynetdicom made the TLS handshake in its accept loop, without a deadline: one connection that
+    sent nothing froze every later one for as long as it stayed open."""
+    import socket
+
+    with running_scp(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key") as scp:
+        with socket.create_connection(("127.0.0.1", scp.port)) as silent:
+            tls = storescu("127.0.0.1", scp.port, [CHEST_DIR / "test1.dcm"], calling_ae="MODALITY",
+                           called_ae="CXRSR", extra_args=("+tla", "+cf", str(pki / "ca.pem")), timeout_s=30)
+            assert silent.fileno() != -1  # still open while the TLS store went through
+        stored = incoming_files(scp)
+    assert tls.returncode == 0, tls.stdout + tls.stderr
+    assert len(stored) == 1
