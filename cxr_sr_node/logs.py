@@ -10,8 +10,20 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+from typing import Any
 
 import structlog
+
+MAX_VALUE_CHARS = 2000  # a peer's 1 MiB "UID" in a pydicom warning made 1 MiB log lines
+
+
+def _clip_long_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            event_dict[key] = f"{value[:MAX_VALUE_CHARS]}...(+{len(value) - MAX_VALUE_CHARS} chars)"
+    return event_dict
+
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -25,6 +37,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream=N
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _clip_long_values,
     ]
     renderer = (
         structlog.processors.JSONRenderer()
@@ -54,6 +67,8 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream=N
     # Python warnings (Celery's SecurityWarning when run as root, deprecations) as log lines, not
     # multi-line text in the middle of a JSON log
     logging.captureWarnings(True)
+    # pydicom logs each of its warnings on its own logger as well: one line each, not two
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     # pynetdicom logs every PDU at INFO/DEBUG; keep it at WARNING unless debugging.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 

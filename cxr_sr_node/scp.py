@@ -15,6 +15,7 @@ import ssl
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from cxr_sr_node import eligibility, statuses
+from cxr_sr_node import eligibility, pixels, statuses
 from cxr_sr_node.config import NodeConfig
 from cxr_sr_node.logs import get_logger
 from cxr_sr_node.spool import Spool, safe_name
@@ -63,6 +64,9 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
 ]
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# A deflated dataset is inflated in memory to read its header (pydicom cannot defer it): bounded, or
+# 400 KiB sent made the receiving process grow by 800 MB
+DEFLATE_MAX_INFLATED_MB = 256
 
 log = get_logger("cxr_sr_node.scp")
 
@@ -152,6 +156,69 @@ class SeriesTracker:
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._series.pop(key, None)
+
+
+def _clip(value: Any, limit: int = 200) -> Any:
+    """A logged value sent by a peer, cut to ``limit`` characters (a 1 MiB 'UID' made 1 MiB log lines)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}...(+{len(value) - limit} chars)"
+    return value
+
+
+def _command_mismatch(request: Any, header: pydicom.Dataset) -> str | None:
+    """Why the C-STORE command and its dataset disagree on the SOP Class / Instance UID, else None.
+
+    The spool files an instance under its dataset's SOP Instance UID: two commands for different
+    instances that carry one dataset UID were both acknowledged and the second overwrote the first
+    (PS3.4 C.4.2.1.4.1: the dataset must match the command; 0xA900 otherwise)."""
+    for keyword, command_keyword in (("SOPInstanceUID", "AffectedSOPInstanceUID"),
+                                     ("SOPClassUID", "AffectedSOPClassUID")):
+        in_command = str(getattr(request, command_keyword, "") or "").strip("\0 ")
+        in_dataset = str(header.get(keyword, "") or "").strip("\0 ")
+        if in_command and in_dataset and in_command != in_dataset:
+            return (f"the dataset's {keyword} {_clip(in_dataset, 64)} is not the command's {command_keyword} "
+                    f"{_clip(in_command, 64)}: the sender mixed up its instances")
+    return None
+
+
+def inflated_size_over(path: Path, limit: int) -> int | None:
+    """For a Deflated Explicit VR Little Endian file: how many bytes its dataset inflated to before
+    passing ``limit`` (counting stops there, in 1 MiB steps), else None (not deflated, or small enough)."""
+    with open(path, "rb") as f:
+        head = f.read(132 + 12)
+        if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":  # (0002,0000) group length
+            return None
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None
+        f.seek(132 + 12 + int.from_bytes(head[140:144], "little"))
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := f.read(65536):
+            while chunk:
+                try:
+                    out = inflater.decompress(chunk, 1 << 20)
+                except zlib.error:
+                    return None  # not valid deflate: the header read refuses it
+                total += len(out)
+                if total > limit:
+                    return total
+                chunk = inflater.unconsumed_tail
+    return None
+
+
+def beyond_end_of_file(header: pydicom.Dataset, file_size: int) -> str | None:
+    """Why a deferred (unread) element of ``header`` claims bytes past the end of the file, else None.
+
+    A header read with ``defer_size`` only notes where each large value starts and how long it
+    says it is: a Pixel Data declaring 2 GiB with 16 bytes behind it parsed fine and was
+    acknowledged, then failed to decode."""
+    for tag in list(header.keys()):
+        elem = header.get_item(tag, keep_deferred=True)  # elements() would read the deferred values
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if elem.value is None and tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > file_size:
+            return (f"element {elem.tag} declares {length} bytes but the instance ends {file_size - tell} bytes "
+                    "after it starts: the instance is truncated")
+    return None
 
 
 def server_tls_context(cfg: NodeConfig) -> ssl.SSLContext | None:
@@ -332,8 +399,13 @@ class StorageSCP:
         started = time.perf_counter()
         try:
             status, fields = self._store(event)
-        except Exception as exc:  # noqa: BLE001 - the SCP must keep serving; the reason is logged
+        except OSError as exc:  # the spool could not take it (disk, permissions): the peer may retry later
             status, fields = statuses.OUT_OF_RESOURCES, {"reason": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # noqa: BLE001 - the SCP must keep serving; the reason is logged
+            # anything else comes from what was sent (e.g. a made-up transfer syntax UID): 0xA700
+            # would tell the peer to retry the same bytes
+            status, fields = statuses.CANNOT_UNDERSTAND, {"reason": f"{type(exc).__name__}: {exc}"}
+        fields = {k: _clip(v) for k, v in fields.items()}
         fields["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         rq = event.assoc.requestor
         name = "store.received" if status == statuses.SUCCESS else "store.refused"
@@ -358,6 +430,12 @@ class StorageSCP:
         if free < self.config.min_free_disk_mb * 1024 * 1024:
             fields["reason"] = f"free disk {free // 2**20} MiB below min_free_disk_mb={self.config.min_free_disk_mb}"
             return statuses.OUT_OF_RESOURCES, fields
+        limit_mb = min(self.config.max_instance_mb, DEFLATE_MAX_INFLATED_MB)
+        inflated = inflated_size_over(path, limit_mb * 1024 * 1024)
+        if inflated is not None:
+            fields["reason"] = (f"deflated instance inflates to more than {inflated} bytes, above "
+                                f"{limit_mb} MiB (max_instance_mb, at most {DEFLATE_MAX_INFLATED_MB} for deflate)")
+            return statuses.OUT_OF_RESOURCES, fields
         try:
             # one read serves every check: Pixel Data is deferred (its length known, its value unread)
             header = pydicom.dcmread(path, defer_size=1024)
@@ -375,10 +453,12 @@ class StorageSCP:
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, fields
         fields.update(series_instance_uid=uids["SeriesInstanceUID"], study_instance_uid=uids["StudyInstanceUID"],
                       sop_instance_uid=uids["SOPInstanceUID"])
-        short = eligibility.short_native_pixel_data(header)
-        if short:
-            self.spool.quarantine(path, reason=short, calling_ae=calling, address=address)
-            fields["reason"] = short
+        deflated = pixels.transfer_syntax_of(header) == DeflatedExplicitVRLittleEndian  # offsets are inflated ones
+        problem = (_command_mismatch(event.request, header) or (None if deflated else beyond_end_of_file(header, size))
+                   or eligibility.short_native_pixel_data(header))
+        if problem:
+            self.spool.quarantine(path, reason=problem, calling_ae=calling, address=address)
+            fields["reason"] = problem
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, fields
         if self.config.reject_ineligible and not eligibility.is_own_output(header, self.config.device_uid):
             verdict = eligibility.check(header, require_body_part=self.config.require_body_part, header_only=True,

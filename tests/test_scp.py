@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -420,3 +421,99 @@ def test_peers_that_stall_mid_pdu_give_their_association_slots_back(tmp_path):
             for sock in stalled:
                 sock.close()
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _send_file(port: int, path: Path) -> int:
+    """C-STORE a Part 10 file's bytes as they are, the command's UIDs taken from its file meta
+    (pynetdicom's chunked send), as a misbehaving or hostile peer may."""
+    from pynetdicom import _config as pynetdicom_config
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRSR")
+    assert assoc.is_established
+    previous, pynetdicom_config.STORE_SEND_CHUNKED_DATASET = pynetdicom_config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+
+
+def test_a_dataset_that_does_not_match_its_command_is_refused_not_overwritten(tmp_path):
+    """Two commands (instances X and Y) carrying one dataset UID S were both acknowledged and the
+    second overwrote the first in the spool: acknowledged data lost."""
+    src = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    sent = []
+    for i, label in enumerate(("FIRST", "SECOND")):
+        ds = copy.deepcopy(src)
+        ds.ImageComments = label
+        ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.77.{i}"  # the command's UID
+        path = tmp_path / f"{label}.dcm"
+        ds.save_as(path, enforce_file_format=False)
+        sent.append(path)
+    with running_scp(tmp_path) as scp:
+        results = [_send_file(scp.port, p) for p in sent]
+        stored = incoming_files(scp)
+        quarantined = sorted((scp.spool.root / "quarantine").glob("*.reason.json"))
+    assert results == [statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS] * 2 and stored == []
+    assert len(quarantined) == 2 and "is not the command's AffectedSOPInstanceUID" in quarantined[0].read_text()
+
+
+def test_pixel_data_declared_longer_than_the_file_is_refused(tmp_path):
+    src = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    raw = bytearray((DATA / "chest" / "test2.dcm").read_bytes())
+    assert src.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    length_at = raw.rindex(b"\xe0\x7f\x10\x00") + 4  # implicit VR: tag, then a 4-byte length
+    raw[length_at:length_at + 4] = (0x7FFFFFF0).to_bytes(4, "little")  # 2 GiB declared, 1 MiB present
+    bad = tmp_path / "long.dcm"
+    bad.write_bytes(bytes(raw))
+    with running_scp(tmp_path) as scp:
+        status = _send_file(scp.port, bad)
+        stored = incoming_files(scp)
+    assert status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS and stored == []
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """400 KiB of deflate that inflates to 800 MB grew the receiving process by that much."""
+    import zlib
+
+    src = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    src.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    path = tmp_path / "bomb.dcm"
+    src.save_as(path, enforce_file_format=True)
+    meta_end = 132 + 12 + int.from_bytes(path.read_bytes()[140:144], "little")
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = deflater.compress(bytes(40 * 2**20)) + deflater.flush()  # 40 MiB of zeros in ~40 KiB
+    path.write_bytes(path.read_bytes()[:meta_end] + bomb)
+    with running_scp(tmp_path, max_instance_mb=8) as scp:
+        status = _send_file(scp.port, path)
+        stored = incoming_files(scp)
+    assert status == statuses.OUT_OF_RESOURCES and stored == []
+
+
+def test_a_huge_uid_does_not_make_huge_log_lines(tmp_path):
+    import io
+    import logging
+
+    from cxr_sr_node.logs import configure_logging
+
+    ds = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    ds.StudyInstanceUID = "1." * 100_000 + "1"  # 200 KB; pydicom warns that it is not a valid UI
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    try:
+        with running_scp(tmp_path) as scp:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+            status = assoc.send_c_store(ds)
+            assoc.release()
+    finally:
+        configure_logging("info")
+        logging.getLogger().handlers[0].flush()
+    assert status.Status == statuses.SUCCESS
+    lines = stream.getvalue().splitlines()
+    assert lines and max(len(line) for line in lines) < 5000
+    assert sum("is not a valid" in line or "Invalid value for VR UI" in line for line in lines) <= 1
