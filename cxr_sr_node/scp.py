@@ -84,6 +84,26 @@ def handle_conn_open(event: evt.Event) -> None:
     set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
 
+def bound_pdu_reads(assoc_socket: Any, limit: int) -> None:
+    """Refuse a PDU longer than ``limit`` before reading it.
+
+    pynetdicom reads a whole PDU into memory whatever its announced length (up to 4 GiB), ignoring
+    the maximum this node advertised: one 200 MiB PDU grew the node by 600 MB. Its reader asks the
+    socket for exactly the announced length, so a read above ``limit`` is answered as a broken
+    connection (pynetdicom then closes it) instead of being buffered.
+    """
+    read = assoc_socket.recv
+
+    def bounded(nr_bytes: int) -> bytearray:
+        if nr_bytes > limit:
+            log.warning("association.pdu_too_large", bytes=nr_bytes, limit=limit,
+                        reason="the peer announced a PDU above the maximum this node accepts; connection closed")
+            raise ConnectionError(f"PDU of {nr_bytes} bytes announced, above {limit}")
+        return read(nr_bytes)
+
+    assoc_socket.recv = bounded
+
+
 class BoundedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with two waits bounded.
 
@@ -267,9 +287,19 @@ class StorageSCP:
         if not config.allow:
             log.warning("scp.open_to_all", detail="no allow-list: any calling AE may store; set allow")
 
+    def pdu_limit(self) -> int:
+        """The longest PDU read: the advertised max_pdu (P-DATA), at least 1 MiB (an A-ASSOCIATE-RQ
+        proposing every storage class), 256 MiB when max_pdu = 0 ("unlimited")."""
+        return max(self.config.max_pdu, 2**20) if self.config.max_pdu else 256 * 2**20
+
+    def handle_conn_open(self, event: evt.Event) -> None:
+        handle_conn_open(event)
+        if event.assoc.dul.socket is not None:
+            bound_pdu_reads(event.assoc.dul.socket, self.pdu_limit())
+
     def handlers(self) -> list:
         return [
-            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ESTABLISHED, self.handle_established),
             (evt.EVT_C_ECHO, self.handle_echo),

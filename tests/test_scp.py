@@ -517,3 +517,22 @@ def test_a_huge_uid_does_not_make_huge_log_lines(tmp_path):
     lines = stream.getvalue().splitlines()
     assert lines and max(len(line) for line in lines) < 5000
     assert sum("is not a valid" in line or "Invalid value for VR UI" in line for line in lines) <= 1
+
+
+def test_a_pdu_longer_than_the_node_accepts_closes_the_connection_unread(tmp_path):
+    """pynetdicom buffered a whole announced PDU (up to 4 GiB) whatever the advertised maximum."""
+    import socket
+
+    with running_scp(tmp_path) as scp:
+        with socket.create_connection(("127.0.0.1", scp.port)) as sock:
+            sock.sendall(bytes([0x01, 0x00]) + (200 * 2**20).to_bytes(4, "big") + bytes(4096))
+            sock.settimeout(10)
+            started = time.monotonic()
+            try:
+                closed = sock.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            waited = time.monotonic() - started
+        echo = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="CXRSR")
+    assert closed and waited < 5  # not after the 60 s read deadline: at once
+    assert echo.returncode == 0
