@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -39,6 +41,31 @@ def running_scp(tmp_path: Path, **settings) -> Iterator[StorageSCP]:
         yield scp
     finally:
         scp.stop()
+
+
+@contextmanager
+def json_log() -> Iterator[io.StringIO]:
+    """The node's log as JSON lines in a string for the block (then back to the console)."""
+    from cxr_sr_node.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    try:
+        yield stream
+    finally:
+        configure_logging("info")
+        logging.getLogger().handlers[0].flush()
+
+
+def store_over_one_association(port: int, datasets: list, calling_ae: str = "MODALITY") -> list[int]:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(datasets[0].SOPClassUID, [datasets[0].file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRSR")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
 
 
 def incoming_files(scp: StorageSCP) -> list[Path]:
@@ -246,30 +273,16 @@ def test_pixel_data_shorter_than_its_header_needs_is_refused_and_quarantined(tmp
 def test_each_association_ends_with_one_audit_line_of_what_it_did(tmp_path):
     """DESIGN §8: who, from where, what, outcome; the store lines carry the association's id, and
     no line carries the patient's name."""
-    import io
-    import logging
 
-    from cxr_sr_node.logs import configure_logging
 
     good = pydicom.dcmread(DATA / "chest" / "test2.dcm")
     good.PatientName = "Auditova^Jana"
     cut = pydicom.dcmread(DATA / "chest" / "test1.dcm")
     cut.SOPInstanceUID = generate_uid()
     cut.PixelData = cut.PixelData[:1000]
-    stream = io.StringIO()
-    configure_logging("info", json=True, stream=stream)
-    try:
-        with running_scp(tmp_path) as scp:
-            ae = AE(ae_title="AUDITED")
-            ae.add_requested_context(good.SOPClassUID, [good.file_meta.TransferSyntaxUID])
-            assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
-            assert assoc.is_established
-            results = [int(assoc.send_c_store(ds).Status) for ds in (good, cut)]
-            assoc.release()
-            wait_until(lambda: "association.released" in stream.getvalue(), 10, "the association's end line")
-    finally:
-        configure_logging("info")
-        logging.getLogger().handlers[0].flush()
+    with json_log() as stream, running_scp(tmp_path) as scp:
+        results = store_over_one_association(scp.port, [good, cut], calling_ae="AUDITED")
+        wait_until(lambda: "association.released" in stream.getvalue(), 10, "the association's end line")
     assert results == [statuses.SUCCESS, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS]
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     (end,) = [e for e in lines if e["event"] == "association.released"]
@@ -494,26 +507,12 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated(tmp_path):
 
 
 def test_a_huge_uid_does_not_make_huge_log_lines(tmp_path):
-    import io
-    import logging
 
-    from cxr_sr_node.logs import configure_logging
 
     ds = pydicom.dcmread(DATA / "chest" / "test2.dcm")
     ds.StudyInstanceUID = "1." * 100_000 + "1"  # 200 KB; pydicom warns that it is not a valid UI
-    stream = io.StringIO()
-    configure_logging("info", json=True, stream=stream)
-    try:
-        with running_scp(tmp_path) as scp:
-            ae = AE(ae_title="MODALITY")
-            ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-            assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
-            status = assoc.send_c_store(ds)
-            assoc.release()
-    finally:
-        configure_logging("info")
-        logging.getLogger().handlers[0].flush()
-    assert status.Status == statuses.SUCCESS
+    with json_log() as stream, running_scp(tmp_path) as scp:
+        assert store_over_one_association(scp.port, [ds]) == [statuses.SUCCESS]
     lines = stream.getvalue().splitlines()
     assert lines and max(len(line) for line in lines) < 5000
     assert sum("is not a valid" in line or "Invalid value for VR UI" in line for line in lines) <= 1
