@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import multiprocessing as mp
 import os
+import shutil
 import sqlite3
 import ssl
 import threading
@@ -244,9 +245,15 @@ class Node:
         log.info("node.stopped")
 
     def health(self) -> tuple[bool, dict]:
+        """Up = receiving works: the SCP runs, every worker lives, the spool takes files and has
+        more free space than ``min_free_disk_mb`` (below it every association is refused)."""
         alive = sum(p.is_alive() for p in self._workers)
-        ok = self.scp.server is not None and alive == len(self._workers)
-        detail = {"scp": self.scp.server is not None, "workers_alive": alive, "workers": len(self._workers)}
+        free_mb = shutil.disk_usage(self.spool.root).free // 2**20
+        writable = os.access(self.spool.tmp_dir, os.W_OK) and os.access(self.spool.root / "incoming", os.W_OK)
+        disk_ok = free_mb >= self.config.min_free_disk_mb
+        ok = self.scp.server is not None and alive == len(self._workers) and writable and disk_ok
+        detail = {"scp": self.scp.server is not None, "workers_alive": alive, "workers": len(self._workers),
+                  "spool_writable": writable, "free_disk_mb": free_mb, "disk_ok": disk_ok}
         if self.queue is not None:  # receiving goes on while the broker is away; the spool keeps the jobs
             detail.update(runner="celery", broker_ok=self._broker_ok)
         return ok, {**detail, **self.spool.counts()}

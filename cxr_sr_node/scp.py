@@ -364,6 +364,14 @@ class StorageSCP:
             event.assoc.acse.send_reject(0x01, 0x01, 0x07)  # rejected-permanent, called AE not recognised
             event.assoc.kill()
             return
+        active = sum(1 for a in self.ae.active_associations if a.is_acceptor)  # this one included
+        if active > self.config.max_associations:
+            # pynetdicom would reject it too (the same transient local-limit reason), without a log line
+            log.warning("association.rejected", calling_ae=calling, address=rq.address,
+                        reason=f"max_associations={self.config.max_associations} already open; retry later")
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded
+            event.assoc.kill()
+            return
         free = shutil.disk_usage(self.spool.root).free
         if free < self.config.min_free_disk_mb * 1024 * 1024:
             # before any data arrives: an instance is otherwise written in full, then refused (0xA700)

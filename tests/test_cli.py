@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -150,3 +151,18 @@ def test_check_in_queue_mode_fails_when_the_broker_is_down(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL broker: amqp://***@127.0.0.1" in result.stdout and "start RabbitMQ" in result.stdout
     assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_healthz_is_503_while_the_disk_floor_refuses_every_association(tmp_path):
+    """/healthz said ok while the node refused every association for lack of disk."""
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    http = free_port()
+    cfg = node_config(tmp_path, ckpt, http_port=http, workers=0, min_free_disk_mb=2**40)
+    with running_node(cfg):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=10)
+            raise AssertionError("expected HTTP 503")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            health = json.loads(exc.read())
+    assert health["ok"] is False and health["disk_ok"] is False and health["free_disk_mb"] < 2**40

@@ -535,3 +535,19 @@ def test_a_pdu_longer_than_the_node_accepts_closes_the_connection_unread(tmp_pat
         echo = echoscu("127.0.0.1", scp.port, calling_ae="ECHOSCU", called_ae="CXRSR")
     assert closed and waited < 5  # not after the 60 s read deadline: at once
     assert echo.returncode == 0
+
+
+def test_an_association_over_max_associations_is_rejected_with_a_log_line(tmp_path):
+    with json_log() as stream, running_scp(tmp_path, max_associations=1) as scp:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+        assert held.is_established
+        try:
+            refused = echoscu("127.0.0.1", scp.port, calling_ae="SECOND", called_ae="CXRSR")
+        finally:
+            held.release()
+        after = echoscu("127.0.0.1", scp.port, calling_ae="SECOND", called_ae="CXRSR")
+    assert refused.returncode != 0 and after.returncode == 0, after.stdout + after.stderr
+    lines = [json.loads(x) for x in stream.getvalue().splitlines() if "association.rejected" in x]
+    assert [(e["calling_ae"], e["reason"]) for e in lines] == [("SECOND", "max_associations=1 already open; retry later")]
