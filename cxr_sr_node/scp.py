@@ -84,24 +84,76 @@ def handle_conn_open(event: evt.Event) -> None:
     set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
 
-def bound_pdu_reads(assoc_socket: Any, limit: int) -> None:
-    """Refuse a PDU longer than ``limit`` before reading it.
+MIN_PDU_RATE_BYTES_PER_S = 64 * 1024  # a PDU must arrive at least this fast (after network_timeout_s of grace)
 
-    pynetdicom reads a whole PDU into memory whatever its announced length (up to 4 GiB), ignoring
-    the maximum this node advertised: one 200 MiB PDU grew the node by 600 MB. Its reader asks the
-    socket for exactly the announced length, so a read above ``limit`` is answered as a broken
-    connection (pynetdicom then closes it) instead of being buffered.
+
+def guard_reads(assoc_socket: Any, *, limit: int, timeout_s: float | None, max_instance_bytes: int | None) -> None:
+    """Wrap an association socket's ``recv`` (which pynetdicom's reader calls with the exact length of
+    each PDU) with three bounds.
+
+    - A PDU announced above ``limit`` is refused before it is read: pynetdicom buffered a whole
+      PDU in memory whatever its announced length (up to 4 GiB) and the maximum it advertised.
+    - A PDU must arrive within ``timeout_s`` plus its length at ``MIN_PDU_RATE_BYTES_PER_S``: a
+      peer that trickles one byte just inside the socket's read deadline held its association.
+    - An instance larger than ``max_instance_bytes`` ends the association as soon as its dataset
+      fragments pass it (``max_instance_mb`` was checked only after the whole instance was on
+      disk); the partial file is deleted as for any aborted association.
+    Each refusal is answered as a broken connection (pynetdicom then closes it) and logged.
     """
-    read = assoc_socket.recv
+    raw = assoc_socket.socket
 
-    def bounded(nr_bytes: int) -> bytearray:
+    def refuse(event: str, reason: str) -> None:
+        log.warning(event, reason=reason, assoc_id=id(assoc_socket.assoc))
+        raise ConnectionError(reason)
+
+    def guarded(nr_bytes: int) -> bytearray:
         if nr_bytes > limit:
-            log.warning("association.pdu_too_large", bytes=nr_bytes, limit=limit,
-                        reason="the peer announced a PDU above the maximum this node accepts; connection closed")
-            raise ConnectionError(f"PDU of {nr_bytes} bytes announced, above {limit}")
-        return read(nr_bytes)
+            refuse("association.pdu_too_large", f"the peer announced a PDU of {nr_bytes} bytes, above the "
+                                                f"{limit} this node accepts; connection closed")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s + nr_bytes / MIN_PDU_RATE_BYTES_PER_S
+        data = bytearray()
+        try:
+            while len(data) < nr_bytes:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        refuse("association.too_slow", f"a PDU of {nr_bytes} bytes did not arrive in time "
+                                                       f"({len(data)} received); connection closed")
+                    raw.settimeout(min(left, timeout_s))
+                chunk = raw.recv(min(nr_bytes - len(data), 65536))
+                if not chunk:  # the peer closed: return what there is, as pynetdicom's recv does
+                    break
+                data.extend(chunk)
+        finally:
+            with contextlib.suppress(OSError):
+                raw.settimeout(timeout_s)
+        if nr_bytes == 6 and len(data) == 6:  # a PDU header: remember its type for the body that follows
+            state["pdu_type"] = data[0]
+        elif state.get("pdu_type") == 0x04 and max_instance_bytes is not None:  # P-DATA-TF body
+            state["pdu_type"] = None
+            _count_dataset_bytes(data, state)
+            if state["dataset_bytes"] > max_instance_bytes:
+                refuse("store.too_large", f"instance passed max_instance_mb ({max_instance_bytes} bytes) while "
+                                          "arriving; association closed, the partial file deleted")
+        return data
 
-    assoc_socket.recv = bounded
+    state: dict[str, Any] = {"pdu_type": None, "dataset_bytes": 0}
+
+    assoc_socket.recv = guarded
+
+
+def _count_dataset_bytes(body: bytes | bytearray, state: dict[str, Any]) -> None:
+    """Add the dataset fragments of one P-DATA-TF body (PS3.8 9.3.5) to ``state["dataset_bytes"]``;
+    a last fragment ends the instance (the count restarts with the next one)."""
+    at = 0
+    while at + 6 <= len(body):
+        item_length = int.from_bytes(body[at:at + 4], "big")
+        control = body[at + 5]
+        if not control & 0x01:  # a dataset fragment (bit 0 set: a command)
+            state["dataset_bytes"] += max(item_length - 2, 0)
+            if control & 0x02:  # its last fragment: the instance is complete
+                state["dataset_bytes"] = 0
+        at += 4 + item_length
 
 
 class BoundedServer(ThreadedAssociationServer):
@@ -294,8 +346,9 @@ class StorageSCP:
 
     def handle_conn_open(self, event: evt.Event) -> None:
         handle_conn_open(event)
-        if event.assoc.dul.socket is not None:
-            bound_pdu_reads(event.assoc.dul.socket, self.pdu_limit())
+        if event.assoc.dul.socket is not None and event.assoc.dul.socket.socket is not None:
+            guard_reads(event.assoc.dul.socket, limit=self.pdu_limit(), timeout_s=self.config.network_timeout_s,
+                        max_instance_bytes=self.config.max_instance_mb * 1024 * 1024)
 
     def handlers(self) -> list:
         return [

@@ -551,3 +551,45 @@ def test_an_association_over_max_associations_is_rejected_with_a_log_line(tmp_pa
     assert refused.returncode != 0 and after.returncode == 0, after.stdout + after.stderr
     lines = [json.loads(x) for x in stream.getvalue().splitlines() if "association.rejected" in x]
     assert [(e["calling_ae"], e["reason"]) for e in lines] == [("SECOND", "max_associations=1 already open; retry later")]
+
+
+def test_a_peer_trickling_a_pdu_is_cut_off(tmp_path):
+    """One byte per second kept every read inside the read deadline: the association was held as
+    long as the peer liked. A PDU now has to arrive within network_timeout_s (plus its length at
+    64 KiB/s)."""
+    import socket
+
+    with running_scp(tmp_path, network_timeout_s=2.0, acse_timeout_s=2.0) as scp:
+        with socket.create_connection(("127.0.0.1", scp.port)) as sock:
+            sock.sendall(bytes([0x01, 0x00]) + (200).to_bytes(4, "big"))
+            started, closed = time.monotonic(), False
+            while not closed and time.monotonic() - started < 12:
+                time.sleep(1.0)
+                try:
+                    sock.sendall(b"\x00")
+                    sock.settimeout(0.01)
+                    closed = sock.recv(1) == b""
+                except TimeoutError:
+                    pass
+                except OSError:  # reset / broken pipe: the node closed it
+                    closed = True
+            held_s = time.monotonic() - started
+    assert closed and held_s < 6, held_s
+
+
+def test_an_instance_over_max_instance_mb_ends_the_association_while_it_arrives(tmp_path):
+    big = pydicom.dcmread(DATA / "chest" / "test2.dcm")
+    big.Rows = big.Columns = 2048
+    big.BitsAllocated, big.BitsStored, big.HighBit = 16, 16, 15
+    big.PixelData = bytes(2048 * 2048 * 2)  # 8 MiB
+    with json_log() as stream, running_scp(tmp_path, max_instance_mb=1, max_pdu=16384) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(big.SOPClassUID, [big.file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRSR")
+        assert assoc.is_established
+        status = assoc.send_c_store(big)
+        assoc.release()
+        wait_until(lambda: not list(scp.spool.tmp_dir.iterdir()), 10, "the partial file to be deleted")
+        stored = incoming_files(scp)
+    assert "Status" not in status and stored == []  # no status: the association ended mid-instance
+    assert "store.too_large" in stream.getvalue()
