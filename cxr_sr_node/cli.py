@@ -176,11 +176,19 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     counts = spool.counts()
     failed = [{"job_id": j.job_id, "series_instance_uid": j.series_uid, "reason": j.reason} for j in spool.jobs("failed")]
     holder = spool.node_holder()
+    broker = None
+    if cfg.runner == "celery":  # what waits in RabbitMQ besides what the spool says
+        from cxr_sr_node.health import check_broker
+
+        _, broker_ok, broker_detail = check_broker(cfg)
+        broker = {"ok": broker_ok, "detail": broker_detail}
     if as_json:
-        click.echo(json.dumps({"spool": str(cfg.spool), "node_pid": holder, "counts": counts, "failed": failed},
-                              indent=2))
+        click.echo(json.dumps({"spool": str(cfg.spool), "node_pid": holder, "counts": counts, "failed": failed,
+                               **({"broker": broker} if broker else {})}, indent=2))
         return
     click.echo(f"spool {cfg.spool} ({f'served by pid {holder}' if holder else 'no node running on it'})")
+    if broker:
+        click.echo(f"broker {'ok' if broker['ok'] else 'UNREACHABLE'}: {broker['detail']}")
     for key, value in counts.items():
         stale = holder is None and key in ("running", "sending") and value and cfg.runner == "embedded"
         click.echo(f"  {key:<16} {value}" + ("  (left by a node that stopped; taken again at its next start)"

@@ -23,7 +23,7 @@ def run_checks(config: NodeConfig, *, load_model: bool = True, echo_dest: bool =
     yield "config", True, f"AE {config.ae_title} port {config.port}, dest {dest}"
     yield _check_spool(config)
     if config.runner == "celery":
-        yield _check_broker(config)
+        yield check_broker(config)
     if config.tls_cert is not None:
         yield _check_tls(config)
     if load_model:
@@ -56,7 +56,7 @@ def _check_spool(config: NodeConfig) -> Check:
     return "spool", True, f"{root} writable, {free_mb} MiB free{used}"
 
 
-def _check_broker(config: NodeConfig) -> Check:
+def check_broker(config: NodeConfig) -> Check:
     """runner = "celery": the broker answers and the queues exist (declared, idempotent, as the node does)."""
     from cxr_sr_node.queue import declare, make_app
 

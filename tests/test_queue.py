@@ -387,10 +387,17 @@ def test_runner_and_broker_url_are_validated(environ, flags, message):
 
 def test_check_in_queue_mode_reports_the_broker_and_its_queues(tmp_path, broker_url):
     env = {**os.environ, "CXRSR_RUNNER": "celery", "CXRSR_BROKER_URL": broker_url, "CXRSR_MIN_FREE_DISK_MB": "1"}
+    from cxr_sr_node.spool import Spool
+
+    Spool(tmp_path / "spool")  # status needs an existing spool
     result = subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", "check", "--no-model", "--no-dest", "--spool",
                              str(tmp_path / "spool")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok   broker: amqp://***@127.0.0.1" in result.stdout and "messages waiting gpu 0, send 0, dead 0" in result.stdout
+    status = subprocess.run([sys.executable, "-m", "cxr_sr_node.cli", "status", "--spool", str(tmp_path / "spool")],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "broker ok: amqp://***@127.0.0.1" in status.stdout and "messages waiting gpu 0" in status.stdout
 
 
 @pytest.mark.parametrize("change", ["user", "vhost"])
