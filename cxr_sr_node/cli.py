@@ -6,6 +6,7 @@ Configuration is merged here, once: defaults < TOML (``--config`` or ``CXRSR_CON
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import sys
@@ -214,12 +215,10 @@ def retry(job_ids: tuple[str, ...], all_failed: bool, config_file: Path | None, 
         return
     publisher = None
     if cfg.runner == "celery":  # publish now rather than at the node's next reconcile pass (up to a minute)
-        try:
+        with contextlib.suppress(ImportError):  # without Celery the node publishes it at its reconcile pass
             from cxr_sr_node.queue import Publisher
 
             publisher = Publisher(cfg)
-        except ImportError:
-            publisher = None
     errors = 0
     try:
         for job_id in ids:

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message is one line naming the key."""
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its user:password replaced by ``***``, for messages and logs."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
 @dataclass(frozen=True)
 class Peer:
     """A DICOM application entity: ``AE@HOST:PORT``."""
@@ -169,9 +174,8 @@ class NodeConfig:
         if self.runner not in ("embedded", "celery"):
             raise ConfigError(f"runner: expected embedded or celery, got {self.runner!r}")
         if not re.match(r"(py)?amqps?://", self.broker_url):
-            shown = re.sub(r"//[^@/]*@", "//***@", self.broker_url)  # no password in an error message
             raise ConfigError(f"broker_url: expected an amqp:// or amqps:// URL (RabbitMQ; Redis is not supported), "
-                              f"got {shown!r}")
+                              f"got {redacted_url(self.broker_url)!r}")
         if self.max_output_px < 4 * 16:
             raise ConfigError(f"max_output_px: must be at least 64, got {self.max_output_px}")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from cxr_sr_node.config import NodeConfig
+from cxr_sr_node.config import NodeConfig, redacted_url
 
 Check = tuple[str, bool, str]
 
@@ -60,7 +59,7 @@ def check_broker(config: NodeConfig) -> Check:
     """runner = "celery": the broker answers and the queues exist (declared, idempotent, as the node does)."""
     from cxr_sr_node.queue import declare, make_app
 
-    shown = re.sub(r"//[^@/]*@", "//***@", config.broker_url)  # no password on screen
+    shown = redacted_url(config.broker_url)
     try:
         waiting = declare(make_app(config), timeout_s=5.0)
     except Exception as exc:  # noqa: BLE001 - reported, not raised: kombu/amqp raise many kinds

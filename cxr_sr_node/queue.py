@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -66,7 +65,7 @@ from urllib.parse import unquote, urlparse
 
 from kombu import Exchange, Queue
 
-from cxr_sr_node.config import NodeConfig
+from cxr_sr_node.config import NodeConfig, redacted_url
 from cxr_sr_node.logs import configure_logging, get_logger
 from cxr_sr_node.spool import Spool
 
@@ -361,8 +360,7 @@ def _wait_for_broker(app: Any) -> None:
             declare(app)
             return
         except (AccessRefused, NotAllowed) as exc:  # wrong user/password or vhost: waiting will not fix it
-            shown = re.sub(r"//[^@/]*@", "//***@", app.conf.broker_url)
-            raise RuntimeError(f"broker {shown} refused this worker ({type(exc).__name__}: {exc}); fix the user, "
+            raise RuntimeError(f"broker {redacted_url(app.conf.broker_url)} refused this worker ({type(exc).__name__}: {exc}); fix the user, "
                                "password or vhost in broker_url (CXRSR_BROKER_URL)") from None
         except Exception as exc:  # noqa: BLE001 - broker not up yet: wait and try again
             attempt += 1

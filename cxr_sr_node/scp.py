@@ -101,6 +101,7 @@ def guard_reads(assoc_socket: Any, *, limit: int, timeout_s: float | None, max_i
     Each refusal is answered as a broken connection (pynetdicom then closes it) and logged.
     """
     raw = assoc_socket.socket
+    state: dict[str, Any] = {"pdu_type": None, "dataset_bytes": 0}  # the PDU being read; the instance's size
 
     def refuse(event: str, reason: str) -> None:
         log.warning(event, reason=reason, assoc_id=id(assoc_socket.assoc))
@@ -136,8 +137,6 @@ def guard_reads(assoc_socket: Any, *, limit: int, timeout_s: float | None, max_i
                 refuse("store.too_large", f"instance passed max_instance_mb ({max_instance_bytes} bytes) while "
                                           "arriving; association closed, the partial file deleted")
         return data
-
-    state: dict[str, Any] = {"pdu_type": None, "dataset_bytes": 0}
 
     assoc_socket.recv = guarded
 
@@ -230,8 +229,9 @@ class SeriesTracker:
             self._series.pop(key, None)
 
 
-def _clip(value: Any, limit: int = 200) -> Any:
-    """A logged value sent by a peer, cut to ``limit`` characters (a 1 MiB 'UID' made 1 MiB log lines)."""
+def _clip(value: Any, limit: int) -> Any:
+    """A value sent by a peer, cut to ``limit`` characters for a reason text (the log renderer clips
+    every logged value itself: ``logs.MAX_VALUE_CHARS``)."""
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]}...(+{len(value) - limit} chars)"
     return value
@@ -256,14 +256,14 @@ def _command_mismatch(request: Any, header: pydicom.Dataset) -> str | None:
 def inflated_size_over(path: Path, limit: int) -> int | None:
     """For a Deflated Explicit VR Little Endian file: how many bytes its dataset inflated to before
     passing ``limit`` (counting stops there, in 1 MiB steps), else None (not deflated, or small enough)."""
-    with open(path, "rb") as f:
-        head = f.read(132 + 12)
-        if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":  # (0002,0000) group length
-            return None
+    try:
         meta = pydicom.filereader.read_file_meta_info(path)
-        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            return None
-        f.seek(132 + 12 + int.from_bytes(head[140:144], "little"))
+    except Exception:  # noqa: BLE001 - no readable file meta: not a deflated Part 10 file; dcmread judges it
+        return None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian or "FileMetaInformationGroupLength" not in meta:
+        return None
+    with open(path, "rb") as f:
+        f.seek(132 + 12 + int(meta.FileMetaInformationGroupLength))  # preamble, DICM, (0002,0000) element, group 2
         inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
         while chunk := f.read(65536):
             while chunk:
@@ -496,7 +496,6 @@ class StorageSCP:
             # anything else comes from what was sent (e.g. a made-up transfer syntax UID): 0xA700
             # would tell the peer to retry the same bytes
             status, fields = statuses.CANNOT_UNDERSTAND, {"reason": f"{type(exc).__name__}: {exc}"}
-        fields = {k: _clip(v) for k, v in fields.items()}
         fields["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         rq = event.assoc.requestor
         name = "store.received" if status == statuses.SUCCESS else "store.refused"

@@ -9,7 +9,6 @@ weights, which time the same as trained ones.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import platform
 import resource
@@ -203,9 +202,8 @@ def _release_freed_heap() -> None:
     this does nothing and the figure stays a lower bound.
     """
     gc.collect()
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's, no library search
     except (OSError, AttributeError, TypeError):
         pass  # not glibc (musl, macOS): no malloc_trim
 
