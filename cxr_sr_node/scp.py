@@ -364,16 +364,19 @@ class StorageSCP:
     def start(self) -> None:
         # pynetdicom writes chunked receives with NamedTemporaryFile: put them on the spool's file
         # system, so accepting one is a rename, not a copy. These are process-wide settings (the
-        # process is the node); stop() restores them.
+        # process is the node); stop() restores them. Set once the server exists: a start that fails
+        # (port in use, bad TLS files) must not leave them changed (later temporary files of the
+        # process landed in spool/tmp).
+        server = self.ae.make_server(
+            (self.config.bind_address, self.config.port), evt_handlers=self.handlers(),
+            ssl_context=self.tls_context(), server_class=BoundedServer,
+        )
         self._previous_globals = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
                                   _config.UNRESTRICTED_STORAGE_SERVICE)
         tempfile.tempdir = str(self.spool.tmp_dir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = self.config.accept_any_sop_class
-        self.server = self.ae.make_server(
-            (self.config.bind_address, self.config.port), evt_handlers=self.handlers(),
-            ssl_context=self.tls_context(), server_class=BoundedServer,
-        )
+        self.server = server
         self.server.read_timeout_s = self.config.network_timeout_s
         self.server.handshake_timeout_s = min(10.0, self.config.network_timeout_s)
         self.ae._servers.append(self.server)  # as start_server does: the server's shutdown() removes it there

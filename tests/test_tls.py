@@ -92,6 +92,9 @@ def test_check_loads_the_tls_files_and_serve_names_them(tmp_path, pki):
     with pytest.raises(StartError, match=r"tls_cert / tls_key / tls_ca .*bad.pem.* cannot be loaded"):
         node.start()
     assert node._lock_fd is None  # stopped again: the spool is free for the next start
+    import tempfile
+
+    assert tempfile.gettempdir() != str(node.spool.tmp_dir)  # the failed start left the process's temp dir alone
 
 
 def test_a_silent_connection_does_not_block_tls_handshakes(tmp_path, pki):
