@@ -184,62 +184,87 @@ class NodeConfig:
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Turn a TOML / environment / flag value into the field's type, or fail naming the key."""
-    where = f"{key} (from {source})"
-    if key == "dest":
-        return None if value in (None, "") else (value if isinstance(value, Peer) else Peer.parse(str(value), key=where))
-    if key == "allow":
-        if isinstance(value, str):
-            items = value.split(",")
-        elif isinstance(value, list | tuple):
-            items = list(value)
-        else:
-            raise ConfigError(f"{where}: expected a list of \"AE\" or \"AE@HOST\" strings, got {value!r}")
-        for v in items:
-            if not isinstance(v, str | AllowRule):
-                raise ConfigError(f"{where}: expected \"AE\" or \"AE@HOST\" strings, got {v!r}")
-        return tuple(v if isinstance(v, AllowRule) else AllowRule.parse(v, key=where) for v in items if str(v).strip())
-    if key == "peers":
-        if isinstance(value, str):  # env: "AE@HOST:PORT,AE2@HOST:PORT"
-            value = [v for v in value.split(",") if v.strip()]
-        if isinstance(value, Mapping):  # TOML table: AE = "HOST:PORT"
-            for ae, addr in value.items():
-                if not isinstance(addr, str) or ":" not in addr:
-                    raise ConfigError(f"peers.{ae} (from {source}): expected \"HOST:PORT\", got {addr!r}")
-            peers = [Peer.parse(f"{ae}@{addr}", key=f"peers.{ae} (from {source})") for ae, addr in value.items()]
-        else:
-            peers = [p if isinstance(p, Peer) else Peer.parse(str(p), key=where) for p in value]
-        return {p.ae_title: p for p in peers}
+    special = _SPECIAL_COERCERS.get(key)
+    if special is not None:
+        return special(value, source, f"{key} (from {source})")
     f = _FIELDS[key]
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    coerce = _TYPED_COERCERS.get(kind.removesuffix(" | None"))
+    if coerce is None:
+        return value
     try:
-        if kind in ("Path", "Path | None"):
-            return None if value in (None, "") and "None" in kind else Path(str(value)).expanduser()
-        if kind in ("bool", "bool | None"):
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if "None" in kind and text in ("", "auto", "none"):
-                return None
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == "str":
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
+        return coerce(value, "None" in kind)
     except (ValueError, TypeError):
-        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
-    return value
+        raise ConfigError(f"{key} (from {source}): expected {kind}, got {value!r}") from None
+
+
+def _coerce_dest(value: Any, source: str, where: str) -> Peer | None:
+    return None if value in (None, "") else (value if isinstance(value, Peer) else Peer.parse(str(value), key=where))
+
+
+def _coerce_allow(value: Any, source: str, where: str) -> tuple[AllowRule, ...]:
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ConfigError(f"{where}: expected a list of \"AE\" or \"AE@HOST\" strings, got {value!r}")
+    for v in items:
+        if not isinstance(v, str | AllowRule):
+            raise ConfigError(f"{where}: expected \"AE\" or \"AE@HOST\" strings, got {v!r}")
+    return tuple(v if isinstance(v, AllowRule) else AllowRule.parse(v, key=where) for v in items if str(v).strip())
+
+
+def _coerce_peers(value: Any, source: str, where: str) -> dict[str, Peer]:
+    if isinstance(value, str):  # env: "AE@HOST:PORT,AE2@HOST:PORT"
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, Mapping):  # TOML table: AE = "HOST:PORT"
+        for ae, addr in value.items():
+            if not isinstance(addr, str) or ":" not in addr:
+                raise ConfigError(f"peers.{ae} (from {source}): expected \"HOST:PORT\", got {addr!r}")
+        peers = [Peer.parse(f"{ae}@{addr}", key=f"peers.{ae} (from {source})") for ae, addr in value.items()]
+    else:
+        peers = [p if isinstance(p, Peer) else Peer.parse(str(p), key=where) for p in value]
+    return {p.ae_title: p for p in peers}
+
+
+def _to_path(value: Any, optional: bool) -> Path | None:
+    return None if optional and value in (None, "") else Path(str(value)).expanduser()
+
+
+def _to_bool(value: Any, optional: bool) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if optional and text in ("", "auto", "none"):
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _to_int(value: Any, optional: bool) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _to_float(value: Any, optional: bool) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def _to_str(value: Any, optional: bool) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(value)
+    return str(value)
+
+
+_SPECIAL_COERCERS = {"dest": _coerce_dest, "allow": _coerce_allow, "peers": _coerce_peers}
+_TYPED_COERCERS = {"Path": _to_path, "bool": _to_bool, "int": _to_int, "float": _to_float, "str": _to_str}
 
 
 _FIELDS = {f.name: f for f in fields(NodeConfig)}
