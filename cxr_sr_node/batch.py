@@ -133,13 +133,15 @@ def run_batch(in_dir: Path, out_dir: Path, config: NodeConfig, *, recursive: boo
 def _run(files: list[Path], out_dir: Path, config: NodeConfig, summary: BatchSummary, *, progress: bool,
          engine: Engine | None, stop: threading.Event) -> Engine | None:
     written: dict[Path, str] = {}  # outputs of this run -> the file they came from
-    for path in tqdm(files, disable=not progress, unit="file", desc="cxr-sr-node batch"):
+    # Log lines name an input by its position in the sorted list and its SOPInstanceUID, never by its
+    # file name (exports are often named after the patient); the summary printed at the end has the paths.
+    for number, path in enumerate(tqdm(files, disable=not progress, unit="file", desc="cxr-sr-node batch"), 1):
         if stop.is_set():
             break
         header = read_header(path)
         if header is None:
             summary.skipped["not_dicom"] += 1
-            log.info("instance.skipped", file=path.name, rule="not_dicom")
+            log.info("instance.skipped", input=number, rule="not_dicom")
             continue
         verdict = check(header, require_body_part=config.require_body_part, own_device_uid=config.device_uid,
                         header_only=True)
@@ -157,11 +159,12 @@ def _run(files: list[Path], out_dir: Path, config: NodeConfig, summary: BatchSum
             target = output_path(out_dir, header, engine.model.sha256)
         except ValueError as exc:
             summary.failed.append((str(path), str(exc)))
-            log.error("instance.failed", file=path.name, error=str(exc))
+            log.error("instance.failed", input=number, sop_instance_uid=str(header.get("SOPInstanceUID", "")),
+                      error=str(exc))
             continue
         if target in written:  # two inputs with one SOPInstanceUID: a copy, or a damaged file posing as one
             summary.duplicates.append((str(path), written[target]))
-            log.warning("instance.duplicate", file=path.name, sop_instance_uid=str(header.SOPInstanceUID))
+            log.warning("instance.duplicate", input=number, sop_instance_uid=str(header.SOPInstanceUID))
             continue
         if target.exists():
             summary.already_done += 1
@@ -170,7 +173,8 @@ def _run(files: list[Path], out_dir: Path, config: NodeConfig, summary: BatchSum
             outcome = derive_file(path, engine)
             if outcome.kind == "skipped" and outcome.rule in FAILURE_RULES:
                 summary.failed.append((str(path), outcome.reason))
-                log.error("instance.failed", file=path.name, rule=outcome.rule, reason=outcome.reason)
+                log.error("instance.failed", input=number, sop_instance_uid=outcome.sop_instance_uid, rule=outcome.rule,
+                          reason=outcome.reason)
                 continue
             if outcome.kind == "skipped":
                 summary.skipped[outcome.rule] += 1
@@ -181,7 +185,8 @@ def _run(files: list[Path], out_dir: Path, config: NodeConfig, summary: BatchSum
             write_dataset(outcome.dataset, target)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
             summary.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
-            log.error("instance.failed", file=path.name, error=f"{type(exc).__name__}: {exc}")
+            log.error("instance.failed", input=number, sop_instance_uid=str(header.get("SOPInstanceUID", "")),
+                      error=f"{type(exc).__name__}: {exc}")
             continue
         summary.processed += 1
         summary.outputs.append(target)

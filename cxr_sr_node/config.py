@@ -19,6 +19,10 @@ from typing import Any
 
 ENV_PREFIX = "CXRSR_"
 _AE_RE = re.compile(r"^[ -~]{1,16}$")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+MIN_TILE = 32  # model.inference.Upscaler's min_tile: the smallest tile it falls back to (tests pin the two together)
+# Settings written into every derived image, with their VR's length limit (PS3.5 6.2).
+_TEXT_LIMITS = {"station_name": ("SH", 16), "institution_name": ("LO", 64)}
 
 
 class ConfigError(ValueError):
@@ -178,6 +182,18 @@ class NodeConfig:
                               f"got {redacted_url(self.broker_url)!r}")
         if self.max_output_px < 4 * 16:
             raise ConfigError(f"max_output_px: must be at least 64, got {self.max_output_px}")
+        if self.tile < MIN_TILE:
+            raise ConfigError(f"tile: must be at least {MIN_TILE} (input pixels), got {self.tile}")
+        if self.overlap >= self.tile:
+            raise ConfigError(f"overlap: must be less than tile ({self.tile}), got {self.overlap}")
+        if len(self.device_uid) > 64 or not _UID_RE.fullmatch(self.device_uid):
+            raise ConfigError(f"device_uid: must be a DICOM UID (digits and dots, at most 64 characters, e.g. "
+                              f"2.25.<decimal UUID>), got {self.device_uid!r}")
+        for key, (vr, limit) in _TEXT_LIMITS.items():
+            text = getattr(self, key)
+            if len(text) > limit or "\\" in text or any(ord(c) < 32 for c in text):
+                raise ConfigError(f"{key}: written as {vr} into every derived image, so at most {limit} characters "
+                                  f"without backslashes or control characters; got {len(text)} characters {text!r}")
 
 
 # --- merging ---------------------------------------------------------------------------------
@@ -223,6 +239,9 @@ def _coerce_peers(value: Any, source: str, where: str) -> dict[str, Peer]:
             if not isinstance(addr, str) or ":" not in addr:
                 raise ConfigError(f"peers.{ae} (from {source}): expected \"HOST:PORT\", got {addr!r}")
         peers = [Peer.parse(f"{ae}@{addr}", key=f"peers.{ae} (from {source})") for ae, addr in value.items()]
+    elif not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected a table of AE = \"HOST:PORT\" or a list of \"AE@HOST:PORT\", "
+                          f"got {value!r}")
     else:
         peers = [p if isinstance(p, Peer) else Peer.parse(str(p), key=where) for p in value]
     return {p.ae_title: p for p in peers}
@@ -286,6 +305,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML ({exc})") from None
     node = data.pop("node", None)
+    if node is not None and not isinstance(node, dict):
+        raise ConfigError(f"config: in {path}, node must be a table ([node] followed by its settings), got {node!r}")
     if node is not None:  # allow everything under a [node] table, or at the top level
         data = {**node, **data}
     return data

@@ -275,8 +275,9 @@ def derive(
         _check_round_trip(out)
     except DeriveError:
         raise
-    except (ValueError, TypeError) as exc:  # a value that strict writing refuses
-        raise DeriveError(f"cannot build the derived image for SOPInstanceUID {source.SOPInstanceUID}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a source value that strict writing refuses or cannot be read
+        raise DeriveError(f"cannot build the derived image for SOPInstanceUID {source.SOPInstanceUID}: "
+                          f"{type(exc).__name__}: {exc}") from exc
     return out
 
 
@@ -326,20 +327,22 @@ def _to_unit(source: Dataset) -> tuple[np.ndarray, pixels.PixelMapping]:
     """pixels.to_unit, with decoder errors and out-of-range values as DeriveError.
 
     The output stores modality values unsigned in [0, 2**BitsStored - 1], BitsStored widened up
-    to 16 where the values need it (see pixels); a source whose robust range lies outside that
-    (signed data, a Rescale Intercept below zero, values above 65535) would be clipped, so it is
-    refused rather than silently changed.
+    to 16 where the values need it (see pixels); a source with any value outside that (signed
+    data, a Rescale Intercept below zero, values above 65535) would be clipped, so it is refused
+    rather than silently changed, even when only a few pixels are.
     """
     try:
         unit, mapping = pixels.to_unit(source)
-    except (ValueError, RuntimeError, NotImplementedError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder or Modality LUT error is the source's, said once
         raise DeriveError(f"cannot decode and map the Pixel Data: {type(exc).__name__}: {exc}") from exc
-    if mapping.low < 0 or mapping.high > mapping.out_max:
+    lowest = mapping.low if mapping.vmin is None else mapping.vmin
+    highest = mapping.high if mapping.vmax is None else mapping.vmax
+    if lowest < 0 or highest > mapping.out_max:
         raise DeriveError(
             f"modality values (after RescaleSlope/RescaleIntercept or the Modality LUT) span "
-            f"[{mapping.low:.6g}, {mapping.high:.6g}], outside 0-{mapping.out_max} of BitsStored "
+            f"[{lowest:.6g}, {highest:.6g}], outside 0-{mapping.out_max} of BitsStored "
             f"{mapping.bits_stored}; the unsigned output cannot hold them without clipping"
-            + (" (signed or negative values: convert the image to unsigned values first)" if mapping.low < 0 else "")
+            + (" (signed or negative values: convert the image to unsigned values first)" if lowest < 0 else "")
         )
     return unit, mapping
 

@@ -243,8 +243,16 @@ def _number_of_frames(ds: Dataset) -> int:
     return 1 if value in (None, "") else int(value)
 
 
+IMAGE_PIXEL_SIZES = ("Rows", "Columns", "BitsAllocated", "BitsStored")
+
+
 def _decode_problem(ds: Dataset, opts: _Options) -> str | None:
     """None when the pixel data can be decoded, else a sentence saying why not."""
+    for keyword in IMAGE_PIXEL_SIZES:
+        value = ds.get(keyword, None)
+        if value in (None, "") or int(value) < 1:
+            found = "absent" if value in (None, "") else str(value)
+            return f"{keyword} is {found}; the Image Pixel module needs {', '.join(IMAGE_PIXEL_SIZES)} of at least 1"
     tsyntax = pixels.transfer_syntax_of(ds)
     if tsyntax is None:
         return "the Transfer Syntax UID is absent and the dataset's encoding is unknown"

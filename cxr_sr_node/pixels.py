@@ -173,7 +173,7 @@ def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
         raise ValueError(
             f"to_unit needs a single-frame, single-sample image; decoded Pixel Data has shape {stored.shape}"
         )
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)  # (H, W) modality values
+    values = _modality_values(stored, ds)  # (H, W) float64
     low, high = (float(p) for p in np.percentile(values, [ROBUST_LOW_PERCENTILE, ROBUST_HIGH_PERCENTILE]))
     if high - low <= 0:
         high = low + FLAT_IMAGE_SPAN
@@ -313,24 +313,67 @@ def _mirrored_center(center: float, function: str, out_max: int) -> float:
 
 
 def _windows_for_output(ds: Dataset, mapping: PixelMapping) -> dict[str, Any]:
-    centers = [float(c) for c in _as_list(ds.get("WindowCenter"))]
-    widths = [float(w) for w in _as_list(ds.get("WindowWidth"))]
-    pairs = list(zip(centers, widths, strict=False))
-    if not pairs:
-        return {}
+    """The source's windows, mirrored for MONOCHROME1. Windows no viewer can use are not carried
+    (with none left, the output gets :func:`_source_window`): a width below 1 (LINEAR, SIGMOID;
+    PS3.3 C.11.2.1.2) or not above 0 (LINEAR_EXACT), or a center or width that is not a number."""
     function = str(ds.get("VOILUTFunction", VOI_LINEAR) or VOI_LINEAR).strip().upper()
-    if mapping.invert:
-        pairs = [(_mirrored_center(c, function, mapping.out_max), w) for c, w in pairs]
-    out: dict[str, Any] = {
-        "WindowCenter": [_ds(c) for c, _ in pairs],
-        "WindowWidth": [_ds(w) for _, w in pairs],
-    }
+    try:
+        centers = [float(c) for c in _as_list(ds.get("WindowCenter"))]
+        widths = [float(w) for w in _as_list(ds.get("WindowWidth"))]
+    except (TypeError, ValueError):
+        return {}
     explanations = _as_list(ds.get("WindowCenterWidthExplanation"))
-    if len(explanations) == len(pairs):
-        out["WindowCenterWidthExplanation"] = [str(e) for e in explanations]
+    if len(explanations) != len(centers):
+        explanations = [None] * len(centers)
+    kept = [(c, w, e) for c, w, e in zip(centers, widths, explanations, strict=False)
+            if np.isfinite(c) and np.isfinite(w) and (w > 0 if function == VOI_LINEAR_EXACT else w >= 1)]
+    if not kept:
+        return {}
+    if mapping.invert:
+        kept = [(_mirrored_center(c, function, mapping.out_max), w, e) for c, w, e in kept]
+    out: dict[str, Any] = {
+        "WindowCenter": [_ds(c) for c, _, _ in kept],
+        "WindowWidth": [_ds(w) for _, w, _ in kept],
+    }
+    if all(e is not None for _, _, e in kept):
+        out["WindowCenterWidthExplanation"] = [str(e) for _, _, e in kept]
     if "VOILUTFunction" in ds and ds.VOILUTFunction:
         out["VOILUTFunction"] = function
     return out
+
+
+def _modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values through the Modality LUT (PS3.3 C.11.1) as float64.
+
+    A Modality LUT Sequence is applied here rather than by pydicom, which cannot build an array
+    for the 10- or 12-bit entries that real CR files declare (PS3.3 says 8 or 16; the entries
+    are 16-bit words either way): inputs below the first mapped value take the first entry, above
+    the last the last. Rescale Slope/Intercept go through pydicom.
+    """
+    sequence = ds.get("ModalityLUTSequence", None)
+    if sequence:
+        item = sequence[0]
+        check_lut(item, "ModalityLUTSequence item 1")
+        entries, first, _ = (int(x) for x in item.LUTDescriptor)
+        data = _lut_data(item, ds, entries or 2**16)
+        index = np.clip(stored.astype(np.int64) - first, 0, data.size - 1)
+        return data[index].astype(np.float64)
+    if "RescaleSlope" in ds and float(ds.RescaleSlope) == 0:
+        raise ValueError("RescaleSlope is 0, so every pixel has the same modality value and there is no image to "
+                         "super-resolve; correct the RescaleSlope of the source")
+    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+
+
+def check_lut(item: Dataset, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``item`` is a usable Modality/VOI LUT item:
+    LUTDescriptor of three numbers with 8 to 16 bits per entry (PS3.3 C.11.2.1.1), and LUTData."""
+    descriptor = _as_list(item.get("LUTDescriptor", None))
+    if len(descriptor) != 3:
+        raise ValueError(f"{name}: LUTDescriptor must hold 3 values (entries, first input value, bits); got {descriptor!r}")
+    if not 8 <= int(descriptor[2]) <= 16:
+        raise ValueError(f"{name}: LUTDescriptor gives {int(descriptor[2])} bits per entry; it must be 8 to 16")
+    if "LUTData" not in item or item["LUTData"].value in (None, b"", []):
+        raise ValueError(f"{name}: LUTData (0028,3006) is absent or empty")
 
 
 def _lut_data(item: Dataset, ds: Dataset, entries: int) -> np.ndarray:
@@ -344,7 +387,8 @@ def _lut_data(item: Dataset, ds: Dataset, entries: int) -> np.ndarray:
 
 def _voi_luts_for_output(ds: Dataset, mapping: PixelMapping) -> list[Dataset]:
     luts: list[Dataset] = []
-    for item in ds.get("VOILUTSequence", None) or []:
+    for index, item in enumerate(ds.get("VOILUTSequence", None) or [], start=1):
+        check_lut(item, f"VOILUTSequence item {index}")
         entries_declared, first, bits = (int(x) for x in item.LUTDescriptor)
         entries = entries_declared or 2**16
         data = _lut_data(item, ds, entries)

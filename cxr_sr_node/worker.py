@@ -80,7 +80,7 @@ def derive_file(path: Path, engine: Engine, *, dataset: pydicom.Dataset | None =
     try:
         ds = dataset if dataset is not None else pydicom.dcmread(path, force=True)
     except Exception as exc:  # noqa: BLE001 - unreadable input is skipped with its reason
-        return Outcome("skipped", rule="readable", reason=f"cannot read {path.name}: {exc}")
+        return Outcome("skipped", rule="readable", reason=f"cannot read the file as DICOM: {exc}")
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     verdict = check(ds, require_body_part=engine.require_body_part, own_device_uid=engine.node.device_uid, decode=True)
     if not verdict.eligible:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -98,6 +99,12 @@ def test_batch_cli_prints_summary_and_exit_code(tmp_path, checkpoint):
     rows = summary(missing.stdout)
     assert rows["failed"] == 2 and rows["already done"] == 2  # broken + no_study; a.dcm and its copy
     assert "no_study.dcm" in missing.stderr and "has no StudyInstanceUID" in missing.stderr
+    # file names (exports are often named after the patient) are in the printed summary, never in a log line
+    log_lines = [json.loads(line) for line in missing.stderr.splitlines() if line.startswith("{")]
+    failures = [line for line in log_lines if line["event"] == "instance.failed"]
+    assert len(failures) == 2 and all(isinstance(line["input"], int) for line in failures)
+    assert {line["sop_instance_uid"] for line in failures} == {str(broken.SOPInstanceUID), str(no_study.SOPInstanceUID)}
+    assert not [line for line in log_lines for name in ("broken.dcm", "no_study.dcm", "again.dcm") if name in json.dumps(line)]
 
 
 def _chest_series(folder: Path, n: int) -> list[Path]:

@@ -49,6 +49,13 @@ def test_node_table_and_env_config_path(tmp_path: Path):
         ({}, {"allow": ("MODALITY@",)}, "'MODALITY@' names no host after '@'; write AE or AE@HOST"),
         ({"CXRSR_RETURN_TO_SENDER": "maybe"}, {}, "return_to_sender (from environment): expected bool"),
         ({"CXRSR_NO_SUCH_KEY": "1"}, {}, "no_such_key (from environment): unknown setting"),
+        # settings that passed here and `check`, then failed every image after the model had run on it
+        ({"CXRSR_TILE": "16"}, {}, "tile (from environment): must be at least 32"),
+        ({"CXRSR_TILE": "32", "CXRSR_OVERLAP": "40"}, {}, "overlap (from environment): must be less than tile (32)"),
+        ({"CXRSR_DEVICE_UID": "not a uid"}, {}, "device_uid (from environment): must be a DICOM UID"),
+        ({"CXRSR_DEVICE_UID": "1." + "2" * 70}, {}, "device_uid (from environment): must be a DICOM UID"),
+        ({"CXRSR_STATION_NAME": "RADIOLOGY-SR-NODE-01"}, {}, "station_name (from environment): written as SH"),
+        ({}, {"institution_name": "x" * 65}, "institution_name (from command line): written as LO into every"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(environ, flags, message):
@@ -65,6 +72,9 @@ def test_bad_values_are_one_line_errors_naming_the_key(environ, flags, message):
         ("allow = [5]\n", 'allow (from {path}): expected "AE" or "AE@HOST" strings, got 5'),
         ("[peers]\nX = 5\n", 'peers.X (from {path}): expected "HOST:PORT", got 5'),
         ("port = 99999\n", "port (from {path}): must be a TCP port"),
+        ("peers = 5\n", 'peers (from {path}): expected a table of AE = "HOST:PORT" or a list'),
+        ("peers = true\n", 'peers (from {path}): expected a table of AE = "HOST:PORT" or a list'),
+        ("node = 5\n", "config: in {path}, node must be a table"),
     ],
 )
 def test_bad_toml_values_name_the_key_and_the_file(tmp_path: Path, toml, message):
@@ -123,3 +133,13 @@ def test_the_example_toml_lists_every_key_with_its_default():
     assert {k for k in written if getattr(cfg, k) != getattr(default, k)} == examples
     commented = {f.name for f in fields(NodeConfig) if f.name not in written}
     assert all(f"# {name} = " in text for name in commented), commented
+
+
+def test_min_tile_is_the_upscalers():
+    """config refuses what the model's Upscaler would refuse at load time, and no more."""
+    import inspect
+
+    from cxr_sr_node.config import MIN_TILE
+    from model.inference import Upscaler
+
+    assert inspect.signature(Upscaler).parameters["min_tile"].default == MIN_TILE

@@ -460,7 +460,7 @@ def test_derive_errors_name_the_problem():
 
     negative = chest("test1.dcm")
     negative.RescaleSlope, negative.RescaleIntercept = 1, -1024
-    with pytest.raises(DeriveError, match=r"span \[-1010, -782\], outside 0-255 of BitsStored 8"):
+    with pytest.raises(DeriveError, match=r"span \[-1024, -772\], outside 0-255 of BitsStored 8"):
         derive(negative, bicubic_upscale, model=MODEL, node=NODE)
 
     undecodable = chest("RG1_J2KI.dcm")
@@ -495,3 +495,83 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
     assert [p.name for p in tmp_path.iterdir()] == ["out.dcm"]  # no temporary file left
+
+
+# -- sources a viewer shows one way and a careless derivation another ---------------------------------
+
+
+def test_a_rescale_slope_of_zero_is_refused_not_derived_as_a_blank_image():
+    source = chest(SMALL)
+    source.RescaleSlope, source.RescaleIntercept = 0, 0
+    with pytest.raises(DeriveError, match="RescaleSlope is 0"):
+        derive(source, bicubic_upscale, model=MODEL, node=NODE)
+
+
+def test_a_few_negative_pixels_are_refused_not_clipped_to_zero():
+    """Signed data with 12 of 193,600 pixels at -400: below the 0.5th percentile, yet they would be clipped."""
+    source = chest(SMALL)  # 10-bit values, stored as 12-bit signed ones
+    stored = decode(source).astype(np.int16)
+    stored.flat[:12] = -400
+    source.PixelRepresentation, source.BitsStored, source.HighBit, source.PixelData = 1, 12, 11, stored.tobytes()
+    with pytest.raises(DeriveError, match=r"span \[-400, .*signed or negative values"):
+        derive(source, bicubic_upscale, model=MODEL, node=NODE)
+
+
+def test_a_12_bit_modality_lut_is_applied_and_a_lut_without_data_is_named():
+    """Real CR files declare 10- or 12-bit Modality LUT entries (PS3.3 says 8 or 16); pydicom cannot."""
+    source = chest(SMALL)  # 10-bit stored values
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [1024, 0, 12]
+    lut = (np.arange(1024) * 4).astype(np.uint16)  # 10 -> 12 bits
+    item.add_new("LUTData", "OW", lut.tobytes())
+    item.ModalityLUTType = "US"
+    source.ModalityLUTSequence = [item]
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "RescaleType"):
+        source.pop(keyword, None)
+    out = derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    modality = decode(source).astype(np.int64) * 4
+    values = 4095 - out.pixel_array.astype(np.int64)  # MONOCHROME1 source: flipped into 12 bits
+    assert out.BitsStored == 12
+    assert abs(values.max() - modality.max()) <= 8 and abs(values.min() - modality.min()) <= 8
+
+    del item.LUTData
+    with pytest.raises(DeriveError, match=r"ModalityLUTSequence item 1: LUTData \(0028,3006\) is absent"):
+        derive(source, bicubic_upscale, model=MODEL, node=NODE)
+
+
+def test_a_voi_lut_without_data_fails_that_instance_with_a_reason_not_an_exception(tmp_path):
+    from cxr_sr_node.worker import derive_file
+
+    source = chest(SMALL)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [1024, 0, 12]
+    source.VOILUTSequence = [item]
+    with pytest.raises(DeriveError, match=r"VOILUTSequence item 1: LUTData \(0028,3006\) is absent"):
+        derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    path = tmp_path / "voi.dcm"
+    source.save_as(path)
+
+    class Engine:  # what derive_file reads of the worker's engine
+        upscale, model, node, max_output_px, require_body_part = staticmethod(bicubic_upscale), MODEL, NODE, 4096, False
+
+    outcome = derive_file(path, Engine())
+    assert (outcome.kind, outcome.rule) == ("skipped", "derive") and "VOILUTSequence item 1" in outcome.reason
+
+
+@pytest.mark.parametrize("width", [b"0", b"-5", b"abc "])
+def test_an_unusable_window_is_not_carried_and_the_source_range_is_shown(width):
+    source = chest(SMALL)
+    source.WindowCenter = 512
+    tag = pydicom.tag.Tag("WindowWidth")  # as read from a file: pydicom converts it when asked
+    source[tag] = pydicom.dataelem.RawDataElement(tag, "DS", len(width), width, 0, False, True)
+    out = derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    assert float(out.WindowWidth) >= 1 and out.WindowCenterWidthExplanation == "SOURCE MIN-MAX"
+
+
+def test_of_two_windows_the_usable_one_is_carried():
+    source = chest(SMALL)
+    source.WindowCenter, source.WindowWidth = [512, 300], [0, 200]
+    source.WindowCenterWidthExplanation = ["BROKEN", "SOFT"]
+    out = derive(source, bicubic_upscale, model=MODEL, node=NODE)
+    assert (float(out.WindowWidth), out.WindowCenterWidthExplanation) == (200.0, "SOFT")
+    assert float(out.WindowCenter) == 1023 + 1 - 300  # mirrored: the source is MONOCHROME1

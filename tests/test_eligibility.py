@@ -132,6 +132,19 @@ def test_image_pixel_rules(keyword, value, rule):
     assert str(value) in verdict.reason
 
 
+@pytest.mark.parametrize(("keyword", "value", "found"), [("Rows", None, "absent"), ("Rows", 0, "0"),
+                                                     ("Columns", None, "absent"), ("BitsAllocated", 0, "0")])
+def test_a_missing_or_zero_image_size_is_named(keyword, value, found):
+    ds = chest("CR-MONO1-10-chest.dcm")
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    for verdict in (check(ds), check(ds, decode=True)):
+        assert verdict.rule == "decodable"
+        assert f"{keyword} is {found}; the Image Pixel module needs Rows, Columns, BitsAllocated" in verdict.reason
+
+
 def test_missing_pixel_data_is_reported_as_such():
     ds = chest("test1.dcm")
     del ds.PixelData
