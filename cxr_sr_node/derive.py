@@ -449,9 +449,13 @@ def _set_provenance(
 def _set_pixel_description(
     out: Dataset, source: Dataset, mapping: pixels.PixelMapping, row_ratio: float, col_ratio: float
 ) -> None:
-    out.BitsStored = mapping.bits_stored
-    out.HighBit = mapping.bits_stored - 1
+    out.BitsStored = mapping.stored_bits
+    out.HighBit = mapping.stored_bits - 1
     out.PixelRepresentation = 0
+    if mapping.storage is not None:  # Modality LUT module: fractional modality steps (see pixels.Storage)
+        out.RescaleSlope = _ds(mapping.storage.slope)
+        out.RescaleIntercept = _ds(mapping.storage.intercept)
+        out.RescaleType = _text(source, "RescaleType") or "US"
     out.BurnedInAnnotation = "YES" if _text(source, "BurnedInAnnotation") == "YES" else "NO"
     for keyword in SPACING_KEYWORDS:
         spacing = _spacing(source, keyword)

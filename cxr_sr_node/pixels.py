@@ -11,12 +11,18 @@ The model was trained on display-contrast images; CR/DX stored values are often 
     out = v              (MONOCHROME2 source)
     out = out_max - v    (MONOCHROME1 source: flipped, the output is always MONOCHROME2)
     out = clip(round(out), 0, out_max),  out_max = 2**BitsStored - 1,  uint16
+    (a fractional Rescale Slope or Intercept: out = round((out - intercept') / |slope|), stored
+    with that Rescale Slope and Intercept, so no modality step is lost; see PixelMapping.storage)
 
 Decisions where DESIGN is silent:
 
 - The output's stored values are the source's *modality* values (the output has an identity
   Modality LUT and carries no Rescale Slope/Intercept), so Window Center/Width, which are defined
-  on modality values, carry over unchanged for MONOCHROME2 sources.
+  on modality values, carry over unchanged for MONOCHROME2 sources. Where the source's modality
+  values step by a fraction (Rescale Slope 0.684, or 0.01; a fractional Intercept), whole units
+  would merge its levels (a 10-bit image at slope 0.01 kept 11 of 214): the output then stores
+  values in steps of |slope| with its own Rescale Slope/Intercept (Modality LUT module, allowed in
+  the SC Image IOD), in the source's BitsStored, and its modality values are the source's.
 - The bit depth always comes from BitsStored, never from the observed maximum (BasicSR's
   ``max > 256`` trap): a 16-bit image whose values happen to be < 256 stays a 16-bit image.
 - The map itself is not clipped, so it is exactly invertible for every pixel, the 1 % beyond the
@@ -70,7 +76,9 @@ class PixelMapping:
     what the source's BitsStored can hold (a Rescale Intercept or a Modality LUT with a wider output)
     so that they are not clipped; ``source_bits_stored`` is the source's when it differs.
     ``vmin``/``vmax`` are the source's extreme modality values (the display window of a source
-    without one), when known.
+    without one), when known. ``storage``: the output stores them in fractional steps (see
+    :class:`Storage`); ``bits_stored`` and ``out_max`` stay those of the modality values (the
+    MONOCHROME1 flip and the windows use them), ``stored_bits`` is the output's BitsStored.
     """
 
     low: float
@@ -80,6 +88,7 @@ class PixelMapping:
     source_bits_stored: int | None = None
     vmin: float | None = None
     vmax: float | None = None
+    storage: Storage | None = None  # None: the output stores modality values as they are
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.low) and np.isfinite(self.high)):
@@ -94,8 +103,13 @@ class PixelMapping:
 
     @property
     def out_max(self) -> int:
-        """Largest output value: ``2**bits_stored - 1``."""
+        """Largest output modality value: ``2**bits_stored - 1``."""
         return 2**self.bits_stored - 1
+
+    @property
+    def stored_bits(self) -> int:
+        """The output's BitsStored."""
+        return self.bits_stored if self.storage is None else self.storage.bits
 
     @property
     def span(self) -> float:
@@ -106,16 +120,39 @@ class PixelMapping:
         polarity = "MONOCHROME1 inverted for the model, output flipped to MONOCHROME2" if self.invert else (
             "MONOCHROME2"
         )
-        widened = (
-            f", widened from the source's {self.source_bits_stored} to hold its modality values"
-            if self.source_bits_stored and self.source_bits_stored != self.bits_stored else ""
-        )
+        if self.storage is not None:
+            stored = (f"BitsStored {self.storage.bits}, RescaleSlope {self.storage.slope:.6g}, RescaleIntercept "
+                      f"{self.storage.intercept:.6g} (the source's fractional modality steps kept)")
+        else:
+            widened = (
+                f", widened from the source's {self.source_bits_stored} to hold its modality values"
+                if self.source_bits_stored and self.source_bits_stored != self.bits_stored else ""
+            )
+            stored = f"BitsStored {self.bits_stored} (0-{self.out_max}{widened})"
         return (
             f"modality values [{self.low:.6g}, {self.high:.6g}] "
             f"({ROBUST_LOW_PERCENTILE}-{ROBUST_HIGH_PERCENTILE} percentile) mapped linearly to [0, 1], "
-            "values beyond it added back after SR (bilinear); "
-            f"{polarity}; BitsStored {self.bits_stored} (0-{self.out_max}{widened})"
+            f"values beyond it added back after SR (bilinear); {polarity}; {stored}"
         )
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How the output stores modality values ``v`` that step by a fraction: ``round((v - intercept) /
+    slope)`` in ``bits`` bits, written with that RescaleSlope and RescaleIntercept. The range is the
+    source's own: for a MONOCHROME2 source the stored values are the source's."""
+
+    slope: float
+    intercept: float
+    bits: int
+
+    @property
+    def stored_max(self) -> int:
+        return 2**self.bits - 1
+
+    def store(self, values: np.ndarray) -> np.ndarray:
+        stored = np.rint((values.astype(np.float64) - self.intercept) / self.slope)
+        return np.clip(stored, 0, self.stored_max).astype(np.uint16)
 
 
 def output_bits_stored(source_bits: int, vmax: float) -> int:
@@ -179,14 +216,17 @@ def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
         high = low + FLAT_IMAGE_SPAN
     vmin, vmax = float(values.min()), float(values.max())
     source_bits = int(ds.BitsStored)
+    invert = _photometric(ds) == "MONOCHROME1"
+    bits = output_bits_stored(source_bits, vmax)
     mapping = PixelMapping(
         low=low,
         high=high,
-        invert=_photometric(ds) == "MONOCHROME1",
-        bits_stored=output_bits_stored(source_bits, vmax),
+        invert=invert,
+        bits_stored=bits,
         source_bits_stored=source_bits,
         vmin=vmin,
         vmax=vmax,
+        storage=_fractional_storage(ds, source_bits, 2**bits - 1 if invert else None),
     )
     unit = (values - low) / mapping.span  # not clipped: values beyond the robust range survive
     if mapping.invert:
@@ -194,8 +234,28 @@ def to_unit(ds: Dataset) -> tuple[np.ndarray, PixelMapping]:
     return unit.astype(np.float32), mapping
 
 
+def _fractional_storage(ds: Dataset, source_bits: int, flip: int | None) -> Storage | None:
+    """A :class:`Storage` when the source's Rescale Slope/Intercept make fractional modality steps.
+
+    ``flip``: the MONOCHROME1 output's ``out_max`` (its values are ``flip - v``), None otherwise.
+    The output's range is the source's full stored range through its rescale (flipped for
+    MONOCHROME1), so every source value is representable and nothing new is clipped.
+    """
+    if "ModalityLUTSequence" in ds or "RescaleSlope" not in ds:
+        return None
+    slope, intercept = float(ds.RescaleSlope), float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 0 or (abs(slope) >= 1 and slope.is_integer() and intercept.is_integer()):
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lowest_stored = -(2 ** (source_bits - 1)) if signed else 0
+    ends = (intercept + slope * lowest_stored, intercept + slope * (lowest_stored + 2**source_bits - 1))
+    low, high = min(ends), max(ends)
+    return Storage(slope=abs(slope), intercept=(flip - high) if flip is not None else low, bits=source_bits)
+
+
 def from_unit(sr: np.ndarray, mapping: PixelMapping) -> np.ndarray:
-    """Exact inverse of :func:`to_unit`, to MONOCHROME2 uint16 in [0, out_max].
+    """Exact inverse of :func:`to_unit`, to MONOCHROME2 uint16 in [0, out_max] (stored through
+    ``mapping.storage`` when the source has fractional modality steps).
 
     Values outside [0, 1] map linearly beyond ``low``/``high`` (see :func:`restore_range`); only
     the result is clipped, to what BitsStored allows. Raises ValueError for non-finite input.
@@ -210,6 +270,8 @@ def from_unit(sr: np.ndarray, mapping: PixelMapping) -> np.ndarray:
     values = np.float32(mapping.low) + unit * np.float32(mapping.span)  # modality values
     if mapping.invert:
         values = np.float32(mapping.out_max) - values  # MONOCHROME1 -> MONOCHROME2
+    if mapping.storage is not None:
+        return mapping.storage.store(values)
     return np.clip(np.rint(values), 0, mapping.out_max).astype(np.uint16)
 
 
@@ -415,7 +477,8 @@ def _source_window(mapping: PixelMapping) -> dict[str, Any]:
     explanation = ROBUST_WINDOW_EXPLANATION
     a, b = mapping.low, mapping.high
     if mapping.vmin is not None and mapping.vmax is not None:
-        lo, hi = (float(np.clip(np.rint(v), 0, mapping.out_max)) for v in (mapping.vmin, mapping.vmax))
+        exact = mapping.storage is not None  # fractional modality steps: no rounding to whole units
+        lo, hi = (float(np.clip(v if exact else np.rint(v), 0, mapping.out_max)) for v in (mapping.vmin, mapping.vmax))
         if hi > lo:  # a flat image keeps the robust range's (FLAT_IMAGE_SPAN wide) window
             a, b, explanation = lo, hi, SOURCE_WINDOW_EXPLANATION
     if mapping.invert:
