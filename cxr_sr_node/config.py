@@ -127,7 +127,7 @@ class NodeConfig:
     max_attempts: int = 3
     lease_s: float = 900.0
     keep_done_days: float = 7.0
-    send_retries: int = 3
+    send_retries: int = 10  # with send_backoff_s 2 (doubling, at most 5 min apart): ~18 min, a PACS restart
     send_backoff_s: float = 2.0
     # model
     device: str = "auto"

@@ -105,8 +105,12 @@ def send_job(spool: Spool, config: NodeConfig, job: Job) -> str:
         reason = str(exc) if isinstance(exc, (SendError, OSError)) else f"{peer}: {type(exc).__name__}: {exc}"
         state = spool.fail_attempt(job.job_id, stage="send", reason=reason, max_attempts=config.send_retries + 1,
                                    backoff_s=config.send_backoff_s, attempt=job.send_attempts)
+        if state == "failed":
+            log.error("send.failed", job_id=job.job_id, peer=str(peer), reason=reason, attempt=job.send_attempts,
+                      state=state, action=f"once the destination answers: cxr-sr-node retry {job.job_id}")
+            return "failed"
         log.warning("send.failed", job_id=job.job_id, peer=str(peer), reason=reason, attempt=job.send_attempts, state=state)
-        return "failed" if state == "failed" else "retry"
+        return "retry"
     spool.finish_sending(job.job_id, {"peer": result.peer, "sent": result.sent, "statuses": result.statuses},
                          attempt=job.send_attempts)
     log.info("send.finished", job_id=job.job_id, peer=result.peer, sent=result.sent,
@@ -290,19 +294,25 @@ class Node:
 
     # --- loops -----------------------------------------------------------------------------------
     def _schedule_loop(self) -> None:
-        last_purge = last_reconcile = 0.0
+        last_purge = last_sweep = last_reconcile = 0.0
+        # A live transfer's file grows with every PDU, and a PDU must arrive within network_timeout_s
+        # plus its length at 64 KiB/s (scp.guard_reads): a file idle three times that belongs to a
+        # transfer that died without cleaning up (the disk filled under pynetdicom's reader thread),
+        # and it holds space that makes the node refuse every association until it goes.
+        idle_s = 3 * self.config.network_timeout_s + 60.0
         while not self._stop.wait(0.2):
             try:
                 self.schedule_once()
                 if self.queue is not None and time.monotonic() - last_reconcile > self.reconcile_interval_s:
                     self.reconcile_once()
                     last_reconcile = time.monotonic()
-                if time.monotonic() - last_purge > 600:
-                    self.spool.purge_done(self.config.keep_done_days * 86400)
-                    # far beyond any live transfer: data keeps arriving or pynetdicom aborts it
-                    stale = self.spool.sweep_tmp(max(3600.0, 10 * self.config.network_timeout_s))
+                if time.monotonic() - last_sweep > 60:
+                    stale = self.spool.sweep_tmp(idle_s)
                     if stale:
                         log.warning("spool.tmp_swept", files=stale, reason="left by aborted transfers")
+                    last_sweep = time.monotonic()
+                if time.monotonic() - last_purge > 600:
+                    self.spool.purge_done(self.config.keep_done_days * 86400)
                     last_purge = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - keep scheduling; the error is logged
                 log.error("scheduler.error", error=f"{type(exc).__name__}: {exc}")

@@ -56,15 +56,17 @@ def send_files(
     except OSError as exc:
         raise SendError(f"{peer}: cannot connect ({exc})") from None
     if not assoc.is_established:
-        raise SendError(f"{peer}: {_not_established(peer, assoc)}; check the AE title, host, port and that the peer "
-                        f"knows us as {calling_ae}")
+        raise SendError(f"{peer}: {_not_established(peer, assoc, calling_ae)}")
     results: dict[str, str] = {}
     try:
         for path, header in zip(files, headers, strict=True):
             status = assoc.send_c_store(path)
             uid = str(header.SOPInstanceUID)
             if not status or "Status" not in status:
-                raise SendError(f"{peer}: no response to C-STORE of {uid} (timeout or connection lost)")
+                raise SendError(f"{peer}: no response to C-STORE of {uid} within dimse_timeout_s={timeout_s:g} s, or "
+                                f"the connection was lost; a peer that does not accept calling AE {calling_ae} may "
+                                "drop it here (Orthanc: add it to DicomModalities), a busy one may need a longer "
+                                "dimse_timeout_s")
             code = int(status.Status)
             results[uid] = f"0x{code:04X}"
             if code != statuses.SUCCESS and code not in WARNING_STATUSES:
@@ -75,18 +77,21 @@ def send_files(
     return SendResult(str(peer), len(results), results)
 
 
-def _not_established(peer: Peer, assoc: Any) -> str:
-    """Why an association did not come up, as far as can be told: pynetdicom logs the socket error
-    but does not return it, so a refused or unreachable peer is told apart from one that took the
-    connection and then aborted by trying the TCP connection once more."""
+def _not_established(peer: Peer, assoc: Any, calling_ae: str) -> str:
+    """Why an association did not come up and what to check, as far as can be told: pynetdicom logs
+    the socket error but does not return it, so a refused or unreachable peer is told apart from
+    one that took the connection and then aborted by trying the TCP connection once more."""
+    knows_us = f"check the AE title {peer.ae_title} and that the peer knows us as {calling_ae}"
     if assoc.is_rejected:
-        return "association rejected"
+        return f"association rejected; {knows_us}"
     try:
         with socket.create_connection((peer.host, peer.port), timeout=5):
             pass
     except OSError as exc:
-        return f"cannot connect ({exc.strerror or exc})"
-    return "association aborted (the peer accepted the TCP connection, then dropped it)"
+        return (f"cannot connect ({exc.strerror or exc}); check that the peer runs and listens on "
+                f"{peer.host}:{peer.port} (the job is tried again)")
+    return (f"association aborted (the peer accepted the TCP connection, then dropped it, or did not answer "
+            f"within the timeouts); {knows_us}")
 
 
 def _status_name(code: int) -> str:
@@ -109,7 +114,7 @@ def echo(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        raise SendError(f"{peer}: {_not_established(peer, assoc)}")
+        raise SendError(f"{peer}: {_not_established(peer, assoc, calling_ae)}")
     try:
         status = assoc.send_c_echo()
         if not status or "Status" not in status:

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
 """
+MAX_BACKOFF_S = 300.0  # the longest wait between two attempts, however many there are
 
 
 def fsync_dir(path: Path) -> None:
@@ -454,8 +455,18 @@ class Spool:
             self._move(job_id, "failed")
             self._write_reason(job_id)
             return "failed"
-        delay = backoff_s * (2 ** (attempts - 1))
+        delay = min(MAX_BACKOFF_S, backoff_s * (2 ** (attempts - 1)))
         self._set(job_id, fence=fence, state=waiting, reason=reason, lease_until=0, not_before=time.time() + delay)
+        return waiting
+
+    def postpone(self, job_id: str, *, stage: str, attempt: int, reason: str, delay_s: float) -> str:
+        """Put a job this worker holds back to waiting for ``delay_s`` without using up its attempt:
+        it did not fail, it could not run (the spool's disk is full). Returns the waiting state."""
+        waiting = "ready" if stage == "process" else "outgoing"
+        fence = self._fence(stage, attempt)
+        assert fence is not None
+        self._set(job_id, fence=fence, state=waiting, reason=reason, lease_until=0,
+                  not_before=time.time() + delay_s, **{fence[1]: attempt - 1})
         return waiting
 
     def finish_sending(self, job_id: str, result: dict[str, Any], *, attempt: int | None = None) -> None:
@@ -474,6 +485,7 @@ class Spool:
         dest = self.root / "jobs" / job_id
         if src.is_dir():
             os.replace(src, dest)
+            (dest / "reason.json").unlink(missing_ok=True)  # it would still be there, in done/, after a success
             fsync_dir(dest.parent)
         state = "outgoing" if job.result.get("processed") and (dest / "out").is_dir() else "ready"
         self._set(job_id, state=state, attempts=0, send_attempts=0, not_before=0, lease_until=0)

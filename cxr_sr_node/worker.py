@@ -12,8 +12,10 @@ the spool's table until told to stop (SIGTERM finishes the current job first).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -125,10 +127,40 @@ def process_files(files: list[Path], out_dir: Path, engine: Engine,
     return {"processed": processed, "skipped": skipped}
 
 
+class DiskLow(OSError):
+    """The spool's file system is below ``min_free_disk_mb``: the job waits for space, using no attempt."""
+
+
+DISK_WAIT_S = 30.0  # how long a job waits for disk space before it is tried again
+
+
+def check_disk(spool: Spool, config: NodeConfig) -> None:
+    """:class:`DiskLow` when the spool has less free space than ``min_free_disk_mb``: the derived
+    images (16-bit, 16x the pixels: ~32x an 8-bit source) must not fill the disk the SCP receives on."""
+    free_mb = shutil.disk_usage(spool.root).free // 2**20
+    if free_mb < config.min_free_disk_mb:
+        raise DiskLow(f"{free_mb} MiB free on the spool's file system, below min_free_disk_mb="
+                      f"{config.min_free_disk_mb}: free space; the job waits and then goes on by itself")
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, DiskLow) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
 def process_job(job_id: str, spool: Spool, engine: Engine, before_each: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Derive a job's inputs into its ``out/``. Outputs there that this run did not make or keep (an
+    earlier attempt with another model or node version, cut short by a crash: other UIDs) are
+    removed, so that only one derived series is sent."""
     job_dir = spool.job_dir(job_id)
     started = time.perf_counter()
     result = process_files(sorted((job_dir / "in").glob("*.dcm")), job_dir / "out", engine, before_each)
+    kept = {entry["file"] for entry in result["processed"]}
+    stale = [path for path in (job_dir / "out").glob("*.dcm") if path.name not in kept]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.warning("job.stale_outputs_removed", job_id=job_id, files=len(stale),
+                    reason="made by an earlier attempt with another model or node version")
     result.update(job_id=job_id, model=engine.model.name, model_sha256=engine.model.sha256,
                   elapsed_s=round(time.perf_counter() - started, 3))
     return result
@@ -143,12 +175,20 @@ def run_claimed(job: Job, spool: Spool, engine: Engine, config: NodeConfig) -> t
     try:
         def renew() -> None:  # a long series keeps its lease; a job taken over stops here (LeaseLost)
             spool.renew_lease(job.job_id, stage="process", attempt=job.attempts, lease_s=config.lease_s)
+            check_disk(spool, config)
 
         try:
             result = process_job(job.job_id, spool, engine, renew)
         except LeaseLost:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded on the job; retried, then dead-lettered
+            if _out_of_space(exc):  # not the job's fault: it waits for space and keeps its attempts
+                reason = str(exc) if isinstance(exc, DiskLow) else (
+                    f"no space left on the spool's file system ({exc}): free space; the job waits and then goes on by itself")
+                state = spool.postpone(job.job_id, stage="process", attempt=job.attempts, reason=reason,
+                                       delay_s=DISK_WAIT_S)
+                log.error("job.waiting_for_disk", job_id=job.job_id, reason=reason, retry_in_s=DISK_WAIT_S)
+                return state, None
             reason = f"{type(exc).__name__}: {exc}"
             state = spool.fail_attempt(job.job_id, stage="process", reason=reason, max_attempts=config.max_attempts,
                                        backoff_s=config.send_backoff_s, attempt=job.attempts)
@@ -232,9 +272,7 @@ def worker_main(
             continue
         if slot is not None:
             slot.value = f"{job.job_id}:{job.attempts}".encode()
-        try:
-            run_claimed(job, spool, engine, config)
-        finally:
-            if slot is not None:
-                slot.value = b""
+        run_claimed(job, spool, engine, config)
+        if slot is not None:  # not cleared when run_claimed raises: the node then releases the job's lease
+            slot.value = b""
     log.info("worker.stopped", pid=os.getpid())

@@ -52,7 +52,7 @@ def _spool_with_one_job(tmp_path: Path):
 
 def test_kill_9_during_receive_loses_no_acknowledged_instance(tmp_path, storescp):
     try:
-        require_binary("storescu", "dcmtk")
+        storescu = require_binary("storescu", "dcmtk")  # by path: an activated venv has pynetdicom's first
     except PeerMissing as exc:
         pytest.skip(str(exc))
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -70,7 +70,7 @@ def test_kill_9_during_receive_loses_no_acknowledged_instance(tmp_path, storescp
 
     # receive only (no worker), so the kill lands in the receive path
     node = start_node(spool, port, "--workers", "0", log=log)
-    sender = subprocess.Popen(["storescu", "-v", "-aet", "MODALITY", "-aec", "CXRSR", "127.0.0.1", str(port),
+    sender = subprocess.Popen([storescu, "-v", "-aet", "MODALITY", "-aec", "CXRSR", "127.0.0.1", str(port),
                                *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=peer_env())
     wait_until(lambda: len(list((spool / "incoming").rglob("*.dcm"))) >= 10, 60, "10 instances in the spool")
@@ -240,7 +240,7 @@ def test_sigterm_stops_the_node_while_it_receives(tmp_path):
     """SIGTERM during a transfer stops the node (the handler used to call Event.set(), which can
     deadlock when the signal lands while the main thread holds that Event's lock)."""
     try:
-        require_binary("storescu", "dcmtk")
+        storescu = require_binary("storescu", "dcmtk")
     except PeerMissing as exc:
         pytest.skip(str(exc))
     log = tmp_path / "node.log"
@@ -254,7 +254,7 @@ def test_sigterm_stops_the_node_while_it_receives(tmp_path):
     for _ in range(5):  # bounded: five stops, each during a transfer
         port = free_port()
         node = start_node(tmp_path / "spool", port, "--workers", "0", log=log)
-        sender = subprocess.Popen(["storescu", "-aec", "CXRSR", "127.0.0.1", str(port), *map(str, files.iterdir())],
+        sender = subprocess.Popen([storescu, "-aec", "CXRSR", "127.0.0.1", str(port), *map(str, files.iterdir())],
                                   env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
         node.send_signal(signal.SIGTERM)

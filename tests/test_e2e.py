@@ -238,7 +238,7 @@ def test_unreachable_destination_fails_with_reason_then_retry_delivers(tmp_path,
         assert storescu("127.0.0.1", cfg.port, [src], calling_ae="MODALITY", called_ae="CXRSR").returncode == 0
         (job,) = wait_for_jobs_done(node, 1)
         assert job.state == "failed" and job.send_attempts == 3
-        assert "LATEPACS@127.0.0.1" in job.reason and "cannot connect (Connection refused)" in job.reason
+        assert "LATEPACS@127.0.0.1" in job.reason and "cannot connect (Connection refused); check that the peer runs and listens on" in job.reason
         # the job table says 'failed' first (it is the truth); the folder move and reason.json follow
         reason_file = wait_until(lambda: (p := cfg.spool / "failed" / job.job_id / "reason.json").is_file() and p,
                                  10, "reason.json beside the failed job")

@@ -168,6 +168,7 @@ def test_send_failures_back_off_then_fail_and_retry_requeues(tmp_path):
     assert spool.retry(job_id) == "outgoing"  # output exists: only sending is repeated
     job = spool.get(job_id)
     assert job.send_attempts == 0 and (spool.root / "jobs" / job_id / "out").is_dir()
+    assert not (spool.root / "jobs" / job_id / "reason.json").exists()  # not carried into done/ after a success
     with pytest.raises(ValueError, match="not failed"):
         spool.retry(job_id)
 
@@ -264,3 +265,72 @@ def test_a_series_longer_than_the_lease_keeps_it_and_a_taken_over_job_stops(tmp_
     assert (rival.job_id, rival.attempts) == (other, 2)
     with pytest.raises(LeaseLost):
         spool.renew_lease(other, stage="process", attempt=held.attempts, lease_s=60)
+
+
+def test_backoff_doubles_but_never_waits_more_than_five_minutes(tmp_path):
+    from cxr_sr_node.spool import MAX_BACKOFF_S
+
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    for attempt in range(1, 5):
+        with spool._tx() as db:
+            db.execute("UPDATE jobs SET not_before = 0")
+        spool.claim(stage="process", lease_s=60, max_attempts=9)
+        spool.fail_attempt(job_id, stage="process", reason="x", max_attempts=9, backoff_s=100, attempt=attempt)
+        wait = spool.get(job_id).not_before - time.time()
+        assert min(100 * 2 ** (attempt - 1), MAX_BACKOFF_S) - 5 < wait <= min(100 * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    assert MAX_BACKOFF_S == 300
+
+
+def _engine(upscale=None):
+    from cxr_sr_node.derive import ModelInfo, NodeInfo
+    from cxr_sr_node.worker import Engine
+    from tests.dicom_helpers import bicubic_upscale
+
+    return Engine(upscale=upscale or bicubic_upscale, model=ModelInfo(name="t", version="1", sha256="0" * 64),
+                  node=NodeInfo(device_uid="1.2.3"), max_output_px=8192, require_body_part=False)
+
+
+def test_a_full_disk_makes_the_job_wait_without_using_its_attempts(tmp_path):
+    """Derived images are ~32x an 8-bit source: below min_free_disk_mb the worker stops before it
+    writes (it filled the disk, then spent every attempt and dead-lettered the series)."""
+    from cxr_sr_node.config import load_config
+    from cxr_sr_node.worker import DISK_WAIT_S, run_claimed
+
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    full = load_config(environ={}, flags={"spool": spool.root, "max_attempts": 1, "min_free_disk_mb": 2**40})
+    for _ in range(3):  # more often than max_attempts allows failures
+        with spool._tx() as db:
+            db.execute("UPDATE jobs SET not_before = 0")
+        job = spool.claim(stage="process", lease_s=60, max_attempts=1)
+        state, result = run_claimed(job, spool, _engine(), full)
+        after = spool.get(job_id)
+        assert (state, result, after.state, after.attempts) == ("ready", None, "ready", 0)
+        assert "below min_free_disk_mb=1099511627776: free space; the job waits" in after.reason
+        assert DISK_WAIT_S - 5 < after.not_before - time.time() <= DISK_WAIT_S
+        assert not list((spool.root / "jobs" / job_id / "out").glob("*.dcm"))  # nothing written
+
+    roomy = load_config(environ={}, flags={"spool": spool.root, "max_attempts": 1, "min_free_disk_mb": 0})
+    with spool._tx() as db:
+        db.execute("UPDATE jobs SET not_before = 0")
+    state, result = run_claimed(spool.claim(stage="process", lease_s=60, max_attempts=1), spool, _engine(), roomy)
+    assert state == "processed" and len(result["processed"]) == 1  # space again: it goes on by itself
+
+
+def test_outputs_of_an_earlier_model_are_not_sent_with_the_new_ones(tmp_path):
+    """A node killed mid-series, restarted with another model (or version): the first run's outputs
+    (other UIDs) were left in out/ and sent as a second derived series."""
+    from cxr_sr_node.config import load_config
+    from cxr_sr_node.worker import run_claimed
+
+    spool = Spool(tmp_path / "spool")
+    job_id = make_job(spool, tmp_path)
+    out = spool.root / "jobs" / job_id / "out"
+    out.mkdir()
+    stale = out / "2.25.1234.dcm"  # what a crashed attempt with another model left
+    shutil.copyfile(CHEST / "test1.dcm", stale)
+    cfg = load_config(environ={}, flags={"spool": spool.root})
+    state, result = run_claimed(spool.claim(stage="process", lease_s=60, max_attempts=3), spool, _engine(), cfg)
+    assert state == "processed"
+    assert sorted(p.name for p in out.glob("*.dcm")) == [result["processed"][0]["file"]]
