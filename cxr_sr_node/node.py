@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import multiprocessing as mp
 import os
-import shutil
 import sqlite3
 import ssl
 import threading
@@ -252,7 +251,7 @@ class Node:
         """Up = receiving works: the SCP runs, every worker lives, the spool takes files and has
         more free space than ``min_free_disk_mb`` (below it every association is refused)."""
         alive = sum(p.is_alive() for p in self._workers)
-        free_mb = shutil.disk_usage(self.spool.root).free // 2**20
+        free_mb = self.spool.free_mb()
         writable = os.access(self.spool.tmp_dir, os.W_OK) and os.access(self.spool.root / "incoming", os.W_OK)
         disk_ok = free_mb >= self.config.min_free_disk_mb
         ok = self.scp.server is not None and alive == len(self._workers) and writable and disk_ok

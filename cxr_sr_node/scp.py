@@ -9,7 +9,6 @@ the header only, fsyncs, renames the file into ``spool/incoming`` and only then 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import ssl
 import tempfile
@@ -428,11 +427,11 @@ class StorageSCP:
             event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded
             event.assoc.kill()
             return
-        free = shutil.disk_usage(self.spool.root).free
-        if free < self.config.min_free_disk_mb * 1024 * 1024:
+        free_mb = self.spool.free_mb()
+        if free_mb < self.config.min_free_disk_mb:
             # before any data arrives: an instance is otherwise written in full, then refused (0xA700)
             log.warning("association.rejected", calling_ae=calling, address=rq.address,
-                        reason=f"free disk {free // 2**20} MiB below min_free_disk_mb={self.config.min_free_disk_mb}")
+                        reason=f"free disk {free_mb} MiB below min_free_disk_mb={self.config.min_free_disk_mb}")
             event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # rejected-transient, temporary congestion: retry later
             event.assoc.kill()
 
@@ -519,9 +518,9 @@ class StorageSCP:
         if size > self.config.max_instance_mb * 1024 * 1024:
             fields["reason"] = f"instance of {size} bytes exceeds max_instance_mb={self.config.max_instance_mb}"
             return statuses.OUT_OF_RESOURCES, fields
-        free = shutil.disk_usage(self.spool.root).free
-        if free < self.config.min_free_disk_mb * 1024 * 1024:
-            fields["reason"] = f"free disk {free // 2**20} MiB below min_free_disk_mb={self.config.min_free_disk_mb}"
+        free_mb = self.spool.free_mb()
+        if free_mb < self.config.min_free_disk_mb:
+            fields["reason"] = f"free disk {free_mb} MiB below min_free_disk_mb={self.config.min_free_disk_mb}"
             return statuses.OUT_OF_RESOURCES, fields
         limit_mb = min(self.config.max_instance_mb, DEFLATE_MAX_INFLATED_MB)
         inflated = inflated_size_over(path, limit_mb * 1024 * 1024)

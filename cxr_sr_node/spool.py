@@ -154,6 +154,10 @@ class Spool:
 
     ROUTING_FILE = "routing.json"
 
+    def free_mb(self) -> int:
+        """Free space on the spool's file system, in MiB (what ``min_free_disk_mb`` is compared with)."""
+        return shutil.disk_usage(self.root).free // 2**20
+
     def write_routing(self, routing: dict[str, Any]) -> None:
         """The node's sending settings, written at every start: a worker on another machine sends
         each job where the node that received it would have (its own dest may be missing or stale)."""

@@ -15,7 +15,6 @@ import dataclasses
 import errno
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -137,7 +136,7 @@ DISK_WAIT_S = 30.0  # how long a job waits for disk space before it is tried aga
 def check_disk(spool: Spool, config: NodeConfig) -> None:
     """:class:`DiskLow` when the spool has less free space than ``min_free_disk_mb``: the derived
     images (16-bit, 16x the pixels: ~32x an 8-bit source) must not fill the disk the SCP receives on."""
-    free_mb = shutil.disk_usage(spool.root).free // 2**20
+    free_mb = spool.free_mb()
     if free_mb < config.min_free_disk_mb:
         raise DiskLow(f"{free_mb} MiB free on the spool's file system, below min_free_disk_mb="
                       f"{config.min_free_disk_mb}: free space; the job waits and then goes on by itself")
